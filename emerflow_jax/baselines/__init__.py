@@ -1,0 +1,1 @@
+"""Baselines on the shared harness, one file per method (DESIGN §5)."""

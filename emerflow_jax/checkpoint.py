@@ -1,0 +1,84 @@
+"""All checkpointing, around Orbax ``CheckpointManager``.
+
+A train state is one pytree ``{"params", "opt_state", "step", "rng"}`` (any
+pytree of arrays works).  Workdir paths are made absolute; saving waits for the
+write to finish so that a killed process never leaves a step that looks
+complete but is not (Orbax writes to a temporary directory and renames it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves and restores one pytree under ``directory``, keeping the last few.
+
+  Usage::
+
+    ckpt = Checkpointer(workdir / "backbone")
+    state, start = ckpt.restore_or(state)    # resumes from the latest step
+    ...
+    ckpt.save(step, state)
+    ckpt.close()
+  """
+
+  def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+    self.directory = os.path.abspath(os.fspath(directory))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, force: bool = True) -> None:
+    """Writes ``state`` as ``step`` and blocks until it is on disk."""
+    self._manager.save(int(step), args=ocp.args.StandardSave(state), force=force)
+    self._manager.wait_until_finished()
+
+  def restore(self, template: Any, step: int | None = None) -> Any:
+    """Restores the given (or latest) step into the structure of ``template``."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def restore_or(self, template: Any) -> tuple[Any, int | None]:
+    """Returns (latest state, its step) or (template, None) if nothing saved."""
+    step = self.latest_step()
+    if step is None:
+      return template, None
+    return self.restore(template, step), step
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def save_arrays(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+  """Atomically writes a small .npz of results (rename after a full write)."""
+  path = os.fspath(path)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
+  """Reads a .npz written by save_arrays, or None if it does not exist."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}

@@ -1,0 +1,121 @@
+"""The method interface every approach (EmerFlow, base, baselines) implements.
+
+A method turns a frozen pretrained backbone into embeddings for new items:
+
+1. ``fit(ctx)`` trains whatever the method needs on old items only;
+2. ``cold(ctx, state, items)`` gives embeddings [n, d] before any row is seen;
+3. ``refine(ctx, state, emb, batch, items)`` updates them after each warm
+   phase from that phase's rows (Packed [n, K]) and returns (emb, state).
+
+The default ``refine`` is the shared batched fine-tuning of ``warmup``, so that
+every method ends in the same refinement and the comparison is fair.  The
+harness (``train.py``) calls a method twice per seed: on the validation
+holdout (old items, for model selection) and on the emerging items (test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from emerflow_jax import protocol, warmup
+from emerflow_jax.data import dataset as dataset_lib
+from emerflow_jax.models import backbones
+
+
+@dataclasses.dataclass
+class Context:
+  """What a method may use. Nothing in it reveals emerging items' future rows.
+
+  Attributes:
+    config: the full run config.
+    ds: the dataset.
+    split: the split (validation items already removed from old items).
+    model: the backbone module.
+    params: pretrained backbone parameters (frozen).
+    tables: device feature tables.
+    key: this method's PRNG key (per seed).
+    workdir: a directory for this method's checkpoints (per seed).
+    item_vectors: [n_items, D] enrichment vectors r_i, or None if the run
+      does not load any (only methods that need them ask for them).
+  """
+  config: ml_collections.ConfigDict
+  ds: dataset_lib.Dataset
+  split: protocol.Split
+  model: backbones.Backbone
+  params: Any
+  tables: backbones.Tables
+  key: jax.Array
+  workdir: pathlib.Path
+  item_vectors: np.ndarray | None = None
+
+  @property
+  def dim(self) -> int:
+    return int(backbones.item_embedding_table(self.params).shape[-1])
+
+  def old_item_embeddings(self) -> jnp.ndarray:
+    """[n_old, d] pretrained ID embeddings of the old items (training targets)."""
+    table = backbones.item_embedding_table(self.params)
+    return jnp.take(table, backbones.item_ids(self.tables, self.split.old_items), 0)
+
+
+class Method:
+  """Base class; subclasses override what differs.
+
+  Class attributes:
+    name: registry name.
+    item_dropout: DropoutNet's pretraining dropout (0 = plain pretraining).
+    needs_vectors: whether the run must load enrichment vectors.
+  """
+  name = "method"
+  item_dropout = 0.0
+  needs_vectors = False
+
+  def fit(self, ctx: Context) -> Any:
+    return None
+
+  def cold(self, ctx: Context, state: Any, items: np.ndarray) -> jnp.ndarray:
+    raise NotImplementedError
+
+  def refine(self, ctx: Context, state: Any, emb: jnp.ndarray,
+             batch: dict[str, np.ndarray], items: np.ndarray
+             ) -> tuple[jnp.ndarray, Any]:
+    cfg = ctx.config.warmup
+    emb = warmup.finetune(ctx.model, ctx.params, ctx.tables, emb,
+                          {k: jnp.asarray(v) for k, v in batch.items()},
+                          steps=int(cfg.steps), lr=float(cfg.lr))
+    return emb, state
+
+
+# name -> "module:Class"; modules import lazily so one method's deps never
+# burden another.
+REGISTRY = {
+    "base": "emerflow_jax.baselines.base:Base",
+    "dropoutnet": "emerflow_jax.baselines.dropoutnet:DropoutNet",
+    "metaemb": "emerflow_jax.baselines.metaemb:MetaEmb",
+    "mwuf": "emerflow_jax.baselines.mwuf:MWUF",
+    "cvar": "emerflow_jax.baselines.cvar:CVAR",
+    "emerflow": "emerflow_jax.emerflow:EmerFlow",
+    "emerflow_no_llm": "emerflow_jax.emerflow:EmerFlowNoLLM",
+    "emerflow_no_align": "emerflow_jax.emerflow:EmerFlowNoAlign",
+    "emerflow_no_meta": "emerflow_jax.emerflow:EmerFlowNoMeta",
+}
+
+
+def get_method(name: str) -> Method:
+  """Instantiates a registered method by name."""
+  if name not in REGISTRY:
+    raise ValueError(f"unknown method {name!r}; known: {sorted(REGISTRY)}")
+  module, cls = REGISTRY[name].split(":")
+  try:
+    mod = importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    raise ValueError(f"method {name!r} is not available: {e}") from e
+  return getattr(mod, cls)()

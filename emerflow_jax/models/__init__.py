@@ -1,0 +1,1 @@
+"""Flax backbones used as pure functions (DESIGN §6)."""

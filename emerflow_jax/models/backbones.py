@@ -1,0 +1,137 @@
+"""CTR backbones (DeepFM, Wide&Deep, FM, DCN) and the pure scoring functions.
+
+Every backbone is a Linen module applied as a pure function::
+
+    logits = model.apply(params, x, item_emb=None)      # x: field -> [B] / [B, L]
+
+and everything downstream goes through ``score``/``bce_loss``, which gather the
+fields of (user, item) index arrays of any leading shape from device-resident
+feature tables.  ``item_emb`` replaces the item-ID embedding: it is how every
+method (EmerFlow, base, the baselines) injects an emerging item's embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from emerflow_jax.data import dataset as dataset_lib
+from emerflow_jax.models import layers
+
+Tables = dict[str, jnp.ndarray]
+ITEM_ID = "item/item_id"
+ITEM_ID_PARAM = "item_item_id"
+
+
+class Backbone(nn.Module):
+  """One of the four CTR backbones over a shared field embedding.
+
+  Attributes:
+    kind: "deepfm", "widedeep", "fm" or "dcn".
+    vocab_sizes: (field key, vocab size) pairs; the order fixes the field stack.
+    dim: embedding dimension (16 in DESIGN §6).
+    mlp: hidden sizes of the deep part ((16, 16) in DESIGN §6).
+    cross_layers: DCN cross layers.
+  """
+  kind: str
+  vocab_sizes: Sequence[tuple[str, int]]
+  dim: int = 16
+  mlp: Sequence[int] = (16, 16)
+  cross_layers: int = 2
+
+  @nn.compact
+  def __call__(self, x: dict[str, jnp.ndarray],
+               item_emb: jnp.ndarray | None = None) -> jnp.ndarray:
+    e = layers.FieldEmbedding(self.vocab_sizes, self.dim, name="embed")(x, item_emb)
+    flat = e.reshape(e.shape[0], -1)
+    if self.kind == "dcn":
+      cross = layers.CrossNetwork(self.cross_layers, name="cross")(flat)
+      deep = layers.MLP(self.mlp, name="mlp")(flat)
+      return nn.Dense(1, name="out")(jnp.concatenate([cross, deep], -1))[:, 0]
+    # The first-order ("wide") term is linear in the field embeddings, so an
+    # overridden item embedding reaches it too.
+    linear = nn.Dense(1, name="linear")(flat)[:, 0]
+    if self.kind == "fm":
+      return linear + layers.fm_interaction(e)
+    if self.kind == "deepfm":
+      deep = nn.Dense(1, name="deep_out")(layers.MLP(self.mlp, name="mlp")(flat))
+      return linear + layers.fm_interaction(e) + deep[:, 0]
+    if self.kind == "widedeep":
+      deep = nn.Dense(1, name="deep_out")(layers.MLP(self.mlp, name="mlp")(flat))
+      return linear + deep[:, 0]
+    raise ValueError(f"unknown backbone {self.kind!r}")
+
+
+def make_backbone(kind: str, ds: dataset_lib.Dataset, dim: int = 16,
+                  mlp: Sequence[int] = (16, 16), cross_layers: int = 2) -> Backbone:
+  """Builds the backbone for a dataset's fields (user fields first, then item)."""
+  keys = [f"user/{f}" for f in ds.user_fields] + [f"item/{f}" for f in ds.item_fields]
+  return Backbone(kind=kind, vocab_sizes=tuple((k, ds.vocab_sizes[k]) for k in keys),
+                  dim=dim, mlp=tuple(mlp), cross_layers=cross_layers)
+
+
+def make_tables(ds: dataset_lib.Dataset) -> Tables:
+  """Feature tables as device arrays, keyed like the backbone's fields."""
+  out = {f"user/{f}": jnp.asarray(t) for f, t in ds.user_fields.items()}
+  out.update({f"item/{f}": jnp.asarray(t) for f, t in ds.item_fields.items()})
+  return out
+
+
+def gather_inputs(tables: Tables, users: jnp.ndarray,
+                  items: jnp.ndarray) -> dict[str, jnp.ndarray]:
+  """Looks up every field for [B] user and item indices."""
+  return {k: jnp.take(t, users if k.startswith("user/") else items, axis=0)
+          for k, t in tables.items()}
+
+
+def init_params(model: Backbone, tables: Tables, key: jax.Array) -> Any:
+  """Initialises backbone parameters from a dummy batch of two rows."""
+  idx = jnp.zeros((2,), jnp.int32)
+  return model.init(key, gather_inputs(tables, idx, idx))
+
+
+def score(model: Backbone, params: Any, tables: Tables, users: jnp.ndarray,
+          items: jnp.ndarray, item_emb: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Logits for (user, item) pairs of any leading shape S.
+
+  Args:
+    model: the backbone.
+    params: its parameters.
+    tables: feature tables.
+    users: S int user indices.
+    items: S int item indices.
+    item_emb: optional S + [d] item embeddings overriding the item-ID table.
+
+  Returns:
+    S logits.
+  """
+  shape = users.shape
+  x = gather_inputs(tables, users.reshape(-1), items.reshape(-1))
+  if item_emb is not None:
+    item_emb = item_emb.reshape(-1, item_emb.shape[-1])
+  return model.apply(params, x, item_emb=item_emb).reshape(shape)
+
+
+def bce_loss(logits: jnp.ndarray, labels: jnp.ndarray,
+             mask: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Mean binary cross-entropy over the rows where mask is 1."""
+  per_row = optax.sigmoid_binary_cross_entropy(logits, labels)
+  if mask is None:
+    return per_row.mean()
+  mask = mask.astype(per_row.dtype)
+  return (per_row * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def item_embedding_table(params: Any) -> jnp.ndarray:
+  """The pretrained item-ID embedding table [n_items + 1, d] (row 0 = padding)."""
+  return params["params"]["embed"][ITEM_ID_PARAM]
+
+
+def item_ids(tables: Tables, items: np.ndarray | jnp.ndarray) -> jnp.ndarray:
+  """Item-ID codes (rows of the item embedding table) of item indices."""
+  return jnp.take(tables[ITEM_ID], items, axis=0)

@@ -1,0 +1,127 @@
+"""Backbone pretraining on old-item rows, resumable from Orbax checkpoints.
+
+The train state is one pytree ``{"params", "opt_state", "step", "rng"}``.  One
+jitted function runs a whole epoch as a ``lax.scan`` over minibatches (one
+dispatch per epoch, state donated), and a checkpoint is written after every
+epoch, so a killed run resumes at its last finished epoch and ends exactly
+where an uninterrupted run ends (the epoch's shuffling key is
+``fold_in(rng, epoch)``).
+
+DropoutNet's item-embedding dropout lives here because it changes pretraining:
+with probability ``item_dropout`` a batch's item-ID embeddings are replaced by
+the mean item embedding of the batch's items, so that the model learns to
+score from side features when the ID embedding is uninformative.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from emerflow_jax import checkpoint
+from emerflow_jax.models import backbones
+
+State = dict[str, Any]
+
+
+def make_optimizer(lr: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
+  if weight_decay:
+    return optax.adamw(lr, weight_decay=weight_decay)
+  return optax.adam(lr)
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, key: jax.Array) -> State:
+  return {"params": params, "opt_state": tx.init(params),
+          "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(key)}
+
+
+def make_epoch_fn(model: backbones.Backbone, tx: optax.GradientTransformation,
+                  tables: backbones.Tables, batch_size: int,
+                  item_dropout: float = 0.0) -> Callable[..., tuple[State, jnp.ndarray]]:
+  """Returns jit(epoch(state, users, items, labels, epoch) -> (state, losses)).
+
+  Rows are shuffled with ``fold_in(rng, epoch)`` and cut into
+  ``n // batch_size`` full batches (the remainder differs every epoch).
+  """
+
+  def loss_fn(params, users, items, labels, key):
+    item_emb = None
+    if item_dropout > 0:
+      table = backbones.item_embedding_table(params)
+      ids = backbones.item_ids(tables, items)
+      emb = jnp.take(table, ids, axis=0)
+      drop = jax.random.bernoulli(key, item_dropout)
+      item_emb = jnp.where(drop, emb.mean(0, keepdims=True), emb)
+    logits = backbones.score(model, params, tables, users, items, item_emb)
+    return backbones.bce_loss(logits, labels)
+
+  def epoch(state, users, items, labels, epoch_idx):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), epoch_idx)
+    n_batches = users.shape[0] // batch_size
+    perm = jax.random.permutation(key, users.shape[0])[:n_batches * batch_size]
+    perm = perm.reshape(n_batches, batch_size)
+
+    def step(st, xs):
+      idx, i = xs
+      k = jax.random.fold_in(key, i)
+      loss, grads = jax.value_and_grad(loss_fn)(
+          st["params"], users[idx], items[idx], labels[idx], k)
+      updates, opt_state = tx.update(grads, st["opt_state"], st["params"])
+      st = dict(st, params=optax.apply_updates(st["params"], updates),
+                opt_state=opt_state, step=st["step"] + 1)
+      return st, loss
+
+    return jax.lax.scan(step, state, (perm, jnp.arange(n_batches)))
+
+  return jax.jit(epoch, donate_argnums=0)
+
+
+def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
+                      rows: dict[str, np.ndarray], key: jax.Array, epochs: int,
+                      batch_size: int, lr: float, ckpt_dir: str | os.PathLike,
+                      item_dropout: float = 0.0, weight_decay: float = 0.0,
+                      log: Callable[[str], None] = logging.info) -> Any:
+  """Pretrains the backbone on ``rows`` and returns its parameters.
+
+  Args:
+    model: the backbone.
+    tables: feature tables.
+    rows: {"users", "items", "labels"} [n] arrays (old-item rows).
+    key: PRNG key (init and shuffling).
+    epochs: passes over the rows.
+    batch_size: minibatch size.
+    lr: Adam learning rate.
+    ckpt_dir: Orbax directory; an existing checkpoint is resumed.
+    item_dropout: DropoutNet's per-batch item-embedding replacement rate.
+    weight_decay: optional AdamW decay.
+    log: progress logger.
+
+  Returns:
+    The trained parameters.
+  """
+  init_key, state_key = jax.random.split(key)
+  tx = make_optimizer(lr, weight_decay)
+  state = init_state(backbones.init_params(model, tables, init_key), tx, state_key)
+  users = jnp.asarray(rows["users"])
+  items = jnp.asarray(rows["items"])
+  labels = jnp.asarray(rows["labels"])
+  batch_size = min(batch_size, int(users.shape[0]))
+  epoch_fn = make_epoch_fn(model, tx, tables, batch_size, item_dropout)
+  with checkpoint.Checkpointer(ckpt_dir) as ckpt:
+    state, done = ckpt.restore_or(state)
+    start = 0 if done is None else done
+    if done is not None:
+      log(f"pretrain: resumed from epoch {done} in {ckpt.directory}")
+    for e in range(start, epochs):
+      state, losses = epoch_fn(state, users, items, labels, e)
+      log(f"pretrain: epoch {e + 1}/{epochs} step {int(state['step'])} "
+          f"loss {float(losses.mean()):.4f}")
+      ckpt.save(e + 1, state)
+  return state["params"]

@@ -1,0 +1,124 @@
+"""results.json / results.md / auc.png for one run (DESIGN §8), and aggregation.
+
+A workdir may hold several runs (method x backbone); ``results.json`` is the
+latest run, ``runs/<method>_<backbone>.json`` keeps each of them, and the
+table and plot show every run present so that methods line up side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Iterable
+
+import numpy as np
+
+from emerflow_jax import protocol
+
+
+def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+  """Writes JSON via a temporary file and a rename (a kill never leaves half a file)."""
+  path = pathlib.Path(path)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=1, default=_default))
+  os.replace(tmp, path)
+
+
+def _default(o):
+  if isinstance(o, (np.floating, np.integer)):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  return str(o)
+
+
+def summarize(config, dataset: str, per_seed: list[dict], counts: dict,
+              total_s: float) -> dict:
+  """Builds the results.json dict from per-seed results."""
+  phases = list(protocol.PHASES)
+  out = {"dataset": dataset, "backbone": config.backbone, "method": config.method,
+         "config": config.to_dict(), "phases": phases,
+         "auc": {p: [r["auc"][p] for r in per_seed] for p in phases},
+         "f1": {p: [r["f1"][p] for r in per_seed] for p in phases},
+         "seeds": [r["seed"] for r in per_seed], "counts": counts}
+  if all(r.get("val_auc") for r in per_seed):
+    out["val_auc"] = {p: [r["val_auc"][p] for r in per_seed] for p in phases}
+  secs = {k: float(sum(r["seconds"][k] for r in per_seed))
+          for k in ("pretrain", "method")}
+  secs["total"] = float(total_s)
+  out["seconds"] = secs
+  return out
+
+
+def mean_std(values: Iterable[float]) -> str:
+  v = np.asarray(list(values), np.float64)
+  return f"{v.mean():.4f} ± {v.std():.4f}"
+
+
+def markdown_table(runs: list[dict], metric: str = "auc",
+                   bold_best: bool = False) -> str:
+  """A mean ± std table: one row per run, one column per phase."""
+  phases = list(protocol.PHASES)
+  lines = ["| method | backbone | " + " | ".join(phases) + " |",
+           "|---|---|" + "---|" * len(phases)]
+  best = {p: max(np.mean(r[metric][p]) for r in runs) for p in phases}
+  for r in runs:
+    cells = []
+    for p in phases:
+      cell = mean_std(r[metric][p])
+      if bold_best and len(runs) > 1 and np.isclose(np.mean(r[metric][p]), best[p]):
+        cell = f"**{cell}**"
+      cells.append(cell)
+    lines.append(f"| {r['method']} | {r['backbone']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_auc(runs: list[dict], path: pathlib.Path, title: str) -> None:
+  """AUC by phase, one line (mean ± std band) per run."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  phases = list(protocol.PHASES)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for r in runs:
+    m = np.asarray([np.mean(r["auc"][p]) for p in phases])
+    s = np.asarray([np.std(r["auc"][p]) for p in phases])
+    line, = ax.plot(phases, m, marker="o", label=f"{r['method']} ({r['backbone']})")
+    ax.fill_between(range(len(phases)), m - s, m + s, alpha=0.15,
+                    color=line.get_color())
+  ax.set_xlabel("phase")
+  ax.set_ylabel("test AUC (pooled)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  tmp = path.with_suffix(".tmp.png")
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def write_run(workdir: pathlib.Path, summary: dict) -> None:
+  """Writes results.json, runs/<method>_<backbone>.json, results.md and auc.png."""
+  workdir = pathlib.Path(workdir)
+  write_json_atomic(workdir / "results.json", summary)
+  runs_dir = workdir / "runs"
+  runs_dir.mkdir(exist_ok=True)
+  write_json_atomic(runs_dir / f"{summary['method']}_{summary['backbone']}.json",
+                    summary)
+  runs = [summary] + [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))
+                      if p.stem != f"{summary['method']}_{summary['backbone']}"]
+  n = len(summary["seeds"])
+  md = [f"# {summary['dataset']}: test AUC / F1 by phase (mean ± std over {n} seeds)",
+        "", "## AUC", "", markdown_table(runs, "auc", bold_best=True), "",
+        "## F1 (threshold = mean score)", "", markdown_table(runs, "f1", bold_best=True),
+        ""]
+  if "val_auc" in summary:
+    md += ["## Validation AUC (held-out old items; for model selection)", "",
+           markdown_table([dict(summary, auc=summary["val_auc"])], "auc"), ""]
+  s = summary["seconds"]
+  md.append(f"Wall time of the latest run: pretrain {s['pretrain']:.1f} s, "
+            f"method {s['method']:.1f} s, total {s['total']:.1f} s.")
+  (workdir / "results.md").write_text("\n".join(md) + "\n")
+  plot_auc(runs, workdir / "auc.png", f"{summary['dataset']}: AUC by phase")

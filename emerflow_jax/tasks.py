@@ -1,0 +1,127 @@
+"""Packs ragged per-item rows into fixed-shape padded arrays plus masks.
+
+One compiled program then serves every batch: an item with fewer rows than the
+width is padded with row 0 and mask 0, an item with more is truncated to its
+first ``width`` rows in time order (or a seeded random subset, for meta-training
+tasks, so that long histories are sampled rather than cut).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from emerflow_jax import protocol
+from emerflow_jax.data import dataset as dataset_lib
+
+# A packed batch: "users", "items", "labels", "mask", each [n, width].
+Packed = dict[str, np.ndarray]
+
+
+def pack_rows(ds: dataset_lib.Dataset, row_lists: Sequence[np.ndarray],
+              width: int, rng: np.random.Generator | None = None) -> Packed:
+  """Packs one list of row indices per task into [n_tasks, width] arrays.
+
+  Args:
+    ds: the dataset the rows index.
+    row_lists: per task, its row indices (time-ordered).
+    width: padded width R.
+    rng: if given, tasks with more than ``width`` rows keep a random subset
+      (kept in time order); otherwise they keep their first ``width`` rows.
+
+  Returns:
+    {"users", "items": int32 [n, R], "labels", "mask": float32 [n, R]}.
+  """
+  n = len(row_lists)
+  idx = np.zeros((n, width), np.int64)
+  mask = np.zeros((n, width), np.float32)
+  for t, rows in enumerate(row_lists):
+    rows = np.asarray(rows)
+    if len(rows) > width:
+      rows = (np.sort(rng.choice(rows, width, replace=False)) if rng is not None
+              else rows[:width])
+    idx[t, :len(rows)] = rows
+    mask[t, :len(rows)] = 1.0
+  return {"users": ds.users[idx].astype(np.int32),
+          "items": ds.items[idx].astype(np.int32),
+          "labels": ds.labels[idx] * mask, "mask": mask}
+
+
+def pack_phase(ds: dataset_lib.Dataset, rows: np.ndarray) -> Packed:
+  """Packs a [n_items, K] block of warm-phase rows (all real, mask 1)."""
+  rows = np.asarray(rows)
+  return {"users": ds.users[rows].astype(np.int32),
+          "items": ds.items[rows].astype(np.int32),
+          "labels": ds.labels[rows].astype(np.float32),
+          "mask": np.ones(rows.shape, np.float32)}
+
+
+def pack_flat(ds: dataset_lib.Dataset, rows: np.ndarray) -> Packed:
+  """Row arrays for a flat set of rows (test or pretraining rows): [n]."""
+  rows = np.asarray(rows)
+  return {"users": ds.users[rows].astype(np.int32),
+          "items": ds.items[rows].astype(np.int32),
+          "labels": ds.labels[rows].astype(np.float32),
+          "mask": np.ones(rows.shape, np.float32)}
+
+
+def build_meta_tasks(ds: dataset_lib.Dataset, split: protocol.Split,
+                     support_rows: int, query_rows: int,
+                     rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+  """All (support = chunk j, query = chunk j+1) tasks of the old items.
+
+  Args:
+    ds: the dataset.
+    split: the split whose ``meta_chunks`` define the tasks.
+    support_rows: padded support width (K mimics a warm phase).
+    query_rows: padded query width.
+    rng: optional generator to subsample long chunks (fresh per epoch).
+
+  Returns:
+    {"item": [n_tasks] item index, "support": Packed [n_tasks, support_rows],
+    "query": Packed [n_tasks, query_rows]} flattened into keys
+    "support/users", ..., "query/mask".
+  """
+  sup, qry, owner = [], [], []
+  for item, chunks in zip(split.old_items, split.meta_chunks):
+    for j in range(len(chunks) - 1):
+      sup.append(chunks[j])
+      qry.append(chunks[j + 1])
+      owner.append(item)
+  out = {"item": np.asarray(owner, np.int32)}
+  for name, lists, width in (("support", sup, support_rows),
+                             ("query", qry, query_rows)):
+    for k, v in pack_rows(ds, lists, width, rng).items():
+      out[f"{name}/{k}"] = v
+  return out
+
+
+def pad_tasks(tasks: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+  """Pads the task axis to a multiple of ``multiple`` with fully masked tasks.
+
+  Padded tasks carry a zero mask everywhere and ``task_mask`` 0, so they add
+  nothing to a loss; a fixed task count keeps jit from recompiling.
+  """
+  n = len(tasks["item"])
+  target = -(-n // multiple) * multiple
+  out = {}
+  for k, v in tasks.items():
+    pad = np.zeros((target - n,) + v.shape[1:], v.dtype)
+    out[k] = np.concatenate([v, pad])
+  tm = np.zeros(target, np.float32)
+  tm[:n] = 1.0
+  out["task_mask"] = tm
+  return out
+
+
+def batches(tasks: dict[str, np.ndarray], batch_size: int,
+            rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+  """Shuffles tasks and cuts them into equal batches (the last one padded)."""
+  n = len(tasks["item"])
+  perm = rng.permutation(n)
+  shuffled = {k: v[perm] for k, v in tasks.items()}
+  padded = pad_tasks(shuffled, batch_size)
+  m = len(padded["item"]) // batch_size
+  return [{k: v[i * batch_size:(i + 1) * batch_size] for k, v in padded.items()}
+          for i in range(m)]

@@ -1,0 +1,105 @@
+"""The shared config skeleton; one file per dataset fills in its numbers.
+
+Sections: data, model, optim (backbone pretraining), enrich, align, meta,
+warmup, one section per baseline, and the seeds.  Every field has a one-line
+comment; override any of them from the command line, e.g.
+``--config.meta.inner_steps=3``.
+"""
+
+import ml_collections
+
+
+def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
+  """Defaults shared by every dataset."""
+  c = ml_collections.ConfigDict()
+  c.method = "emerflow"           # base|dropoutnet|metaemb|mwuf|cvar|emerflow|emerflow_no_*
+  c.backbone = "deepfm"           # deepfm|widedeep|fm|dcn
+  c.seeds = 3                     # number of seeds (runs seed, seed+1, ...)
+  c.seed = 0                      # first seed
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = dataset           # registry name in emerflow_jax.data.READERS
+  c.data.dir = ""                 # data directory ("" -> $EMERFLOW_DATA_DIR -> user cache)
+  c.data.download = True          # download MovieLens when missing (checksum verified)
+  c.data.options = ml_collections.ConfigDict()  # reader keyword arguments
+  c.data.n_max = n_max            # N: old items have more than N rows
+  c.data.k = k                    # K: rows per warm phase
+  c.data.val_fraction = 0.1       # old items held out as validation "emerging" items
+
+  c.model = ml_collections.ConfigDict()
+  c.model.dim = 16                # embedding dimension d
+  c.model.mlp = (16, 16)          # deep-part hidden sizes
+  c.model.cross_layers = 2        # DCN cross layers
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3               # Adam learning rate for backbone pretraining
+  c.optim.batch_size = 256        # pretraining minibatch
+  c.optim.epochs = 10             # pretraining epochs over old-item rows
+  c.optim.weight_decay = 0.0      # AdamW decay (0 -> plain Adam)
+  c.optim.cache_dir = ""          # share pretrained backbones across runs ("" -> <workdir>/backbones)
+
+  c.enrich = ml_collections.ConfigDict()
+  c.enrich.source = "llm"         # llm|agent4rec|galkars|raw|dataset (synthetic)
+  c.enrich.encoder = "minilm"     # sentence encoder name or local path
+  c.enrich.cache_dir = ""         # cached vectors ("" -> user cache)
+
+  c.align = ml_collections.ConfigDict()
+  c.align.hidden = (64,)          # mapper g_phi hidden sizes
+  c.align.use_fields = True       # also feed the frozen backbone's item-field embeddings
+  c.align.lam = 0.1               # weight of the BCE term on old-item rows
+  c.align.steps = 1000            # alignment training steps
+  c.align.lr = 1e-3               # Adam learning rate
+  c.align.batch_rows = 1024       # old-item rows per BCE minibatch
+  c.align.weight_decay = 1e-4     # AdamW decay of the mapper
+
+  c.meta = ml_collections.ConfigDict()
+  c.meta.inner_steps = 3          # T inner gradient steps
+  c.meta.alpha = 0.1              # initial inner step size
+  c.meta.alpha_mode = "per_dim"   # scalar|per_dim (Meta-SGD)
+  c.meta.learn_alpha = True       # learn alpha in the outer loop
+  c.meta.first_order = False      # first-order (stop-gradient through inner grads)
+  c.meta.beta = 0.1               # outer loss = beta * L(support; e0) + (1-beta) * L(query; e_T)
+  c.meta.epochs = 20              # passes over all old-item tasks
+  c.meta.batch_tasks = 64         # tasks per meta step
+  c.meta.lr = 1e-3                # outer Adam learning rate
+  c.meta.support_rows = k         # padded support width (K mimics a warm phase)
+  c.meta.query_rows = 2 * k       # padded query width
+
+  c.warmup = ml_collections.ConfigDict()
+  c.warmup.steps = 10             # shared fine-tuning: Adam steps per phase
+  c.warmup.lr = 1e-2              # shared fine-tuning: Adam learning rate
+  c.warmup.rule = "meta"          # EmerFlow's phase rule: meta (learned adapt) | finetune
+
+  c.dropoutnet = ml_collections.ConfigDict()
+  c.dropoutnet.rate = 0.1         # fraction of pretraining batches with item-embedding dropout
+
+  c.metaemb = ml_collections.ConfigDict()
+  c.metaemb.epochs = 10           # meta-training epochs of the generator
+  c.metaemb.lr = 1e-3             # generator Adam learning rate
+  c.metaemb.inner_lr = 1e-3       # the one inner step's learning rate
+  c.metaemb.alpha = 0.1           # loss = alpha * L_a + (1 - alpha) * L_b
+
+  c.mwuf = ml_collections.ConfigDict()
+  c.mwuf.epochs = 10              # meta scaling/shifting networks' training epochs
+  c.mwuf.lr = 1e-3                # their Adam learning rate
+
+  c.cvar = ml_collections.ConfigDict()
+  c.cvar.epochs = 10              # CVAE training epochs on old items
+  c.cvar.lr = 1e-3                # CVAE Adam learning rate
+  c.cvar.latent_dim = 16          # latent z dimension
+  c.cvar.wass_weight = 1.0        # weight of the Wasserstein term
+  c.cvar.recon_weight = 1.0       # weight of the reconstruction term
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to a seconds-long CPU run (tests, CI, first look)."""
+  c.seeds = 1
+  c.optim.epochs = 1
+  c.align.steps = 20
+  c.meta.epochs = 1
+  c.warmup.steps = 2
+  c.metaemb.epochs = 1
+  c.mwuf.epochs = 1
+  c.cvar.epochs = 1
+  return c
