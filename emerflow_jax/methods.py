@@ -78,6 +78,9 @@ class Method:
   item_dropout = 0.0
   needs_vectors = False
 
+  def configure(self, config: ml_collections.ConfigDict) -> None:
+    """Reads config before pretraining (e.g. DropoutNet's dropout rate)."""
+
   def fit(self, ctx: Context) -> Any:
     return None
 

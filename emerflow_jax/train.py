@@ -130,6 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("%s: %d rows, %d users, %d items; split %s", ds.name, ds.n_rows,
                ds.n_users, ds.n_items, split.counts())
   method = methods.get_method(config.method)
+  method.configure(config)
   vectors = None
   if method.needs_vectors:
     vectors = load_vectors(config, ds)
