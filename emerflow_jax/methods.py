@@ -73,10 +73,12 @@ class Method:
     name: registry name.
     item_dropout: DropoutNet's pretraining dropout (0 = plain pretraining).
     needs_vectors: whether the run must load enrichment vectors.
+    vector_source: enrichment source forced by the method (the no-LLM ablation).
   """
   name = "method"
   item_dropout = 0.0
   needs_vectors = False
+  vector_source: str | None = None  # overrides config.enrich.source if set
 
   def configure(self, config: ml_collections.ConfigDict) -> None:
     """Reads config before pretraining (e.g. DropoutNet's dropout rate)."""

@@ -133,7 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   method.configure(config)
   vectors = None
   if method.needs_vectors:
-    vectors = load_vectors(config, ds)
+    vectors = load_vectors(config, ds, method.vector_source or config.enrich.source)
   run_dir = workdir / f"{config.method}_{config.backbone}"
   per_seed = []
   for s in range(config.seeds):
@@ -156,13 +156,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return summary
 
 
-def load_vectors(config: ml_collections.ConfigDict, ds) -> np.ndarray:
-  """Enrichment vectors r_i for every item, per ``config.enrich``."""
-  if config.enrich.source == "dataset":
+def load_vectors(config: ml_collections.ConfigDict, ds, source: str) -> np.ndarray:
+  """Enrichment vectors r_i [n_items, D] for every item from ``source``."""
+  if source == "dataset":
     if ds.item_vectors is None:
       raise ValueError(f"{ds.name} has no built-in item vectors; set "
                        "--config.enrich.source to llm|agent4rec|galkars|raw")
     return ds.item_vectors
   from emerflow_jax.enrich import loader  # pylint: disable=g-import-not-at-top
-  return loader.load_item_vectors(ds, config.enrich.source, config.enrich.encoder,
+  return loader.load_item_vectors(ds, source, config.enrich.encoder,
                                   config.enrich.cache_dir or None)

@@ -1,0 +1,173 @@
+"""Stage 3: meta-learned refinement of item embeddings (DESIGN §4).
+
+Inner loop, for one item task, a pure function::
+
+    e_0 = g_phi(r_i)                       (the aligned cold embedding)
+    e_{t+1} = e_t - alpha * grad_e L(support; theta, e_t)     t < T
+
+with alpha a scalar or per-dimension vector (Meta-SGD), optionally learned.
+Outer loss ``beta * L(support; e_0) + (1 - beta) * L(query; e_T)`` (beta = 0.1
+as in MetaEmb and EmerG), minimised over phi and alpha, vmapped over a batch of
+padded tasks with masks, one jit per step.  ``first_order`` stops the gradient
+through the inner gradients (the e_t path and alpha still get gradients).
+
+The frozen pieces (backbone params, feature tables, text vectors, side
+embeddings) travel as one pytree argument, ``frozen``, never as closure
+constants, so that large tables are not baked into the compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from emerflow_jax import align, warmup
+from emerflow_jax.models import backbones
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+  """Static settings of the inner and outer loop (hashable: a jit static arg).
+
+  Attributes:
+    inner_steps: T.
+    beta: weight of the support loss at e_0 in the outer loss.
+    first_order: stop gradients through inner-loop gradients.
+    learn_alpha: whether alpha receives outer gradients.
+  """
+  inner_steps: int = 3
+  beta: float = 0.1
+  first_order: bool = False
+  learn_alpha: bool = True
+
+
+def init_alpha(alpha: float, mode: str, dim: int) -> jnp.ndarray:
+  """Initial step size: [] for "scalar", [d] for "per_dim" (Meta-SGD)."""
+  if mode == "scalar":
+    return jnp.asarray(alpha, jnp.float32)
+  if mode == "per_dim":
+    return jnp.full((dim,), alpha, jnp.float32)
+  raise ValueError(f"alpha_mode must be scalar or per_dim, got {mode!r}")
+
+
+def adapt(loss_fn: Callable[[jnp.ndarray, Any], jnp.ndarray], e0: jnp.ndarray,
+          support: Any, alpha: jnp.ndarray, steps: int,
+          first_order: bool = False) -> jnp.ndarray:
+  """T steps of ``e <- e - alpha * grad_e loss_fn(e, support)``.
+
+  Args:
+    loss_fn: (e [d], support) -> scalar.
+    e0: [d] starting embedding.
+    support: the task's support rows (any pytree loss_fn understands).
+    alpha: [] or [d] step size.
+    steps: T (static).
+    first_order: stop the gradient through grad_e.
+
+  Returns:
+    [d] adapted embedding e_T.
+  """
+  grad_fn = jax.grad(loss_fn)
+  e = e0
+  for _ in range(steps):  # T is small and static: unrolled, no Python loop over tasks
+    g = grad_fn(e, support)
+    if first_order:
+      g = jax.lax.stop_gradient(g)
+    e = e - alpha * g
+  return e
+
+
+def cold_embedding(meta_params: dict[str, Any], mapper: align.Mapper | None,
+                   frozen: dict[str, Any], items: jnp.ndarray) -> jnp.ndarray:
+  """e_0 for item indices of any shape S -> S + [d].
+
+  With a mapper, e_0 = g_phi(r_i [, side_i]); without one (the no-align
+  ablation) e_0 is a single learned vector ``meta_params["e0"]``.
+  """
+  if mapper is None:
+    return jnp.broadcast_to(meta_params["e0"], items.shape + meta_params["e0"].shape)
+  side = frozen.get("side")
+  return mapper.apply(meta_params["phi"], frozen["r"][items],
+                      None if side is None else side[items])
+
+
+def _rows(batch: dict[str, jnp.ndarray], prefix: str) -> dict[str, jnp.ndarray]:
+  return {k: batch[f"{prefix}/{k}"] for k in ("users", "items", "labels", "mask")}
+
+
+def task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
+              mapper: align.Mapper | None, cfg: MetaConfig, frozen: dict[str, Any],
+              task: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """Outer loss of ONE task (unbatched arrays: support [Rs], query [Rq]).
+
+  Returns:
+    (beta * L(support; e_0) + (1 - beta) * L(query; e_T), metrics).
+  """
+  alpha = meta_params["alpha"]
+  if not cfg.learn_alpha:
+    alpha = jax.lax.stop_gradient(alpha)
+  loss_fn = functools.partial(warmup.item_loss, model, frozen["params"], frozen["tables"])
+  e0 = cold_embedding(meta_params, mapper, frozen, task["item"])
+  support, query = _rows(task, "support"), _rows(task, "query")
+  e_t = adapt(loss_fn, e0, support, alpha, cfg.inner_steps, cfg.first_order)
+  l_support = loss_fn(e0, support)
+  l_query = loss_fn(e_t, query)
+  outer = cfg.beta * l_support + (1 - cfg.beta) * l_query
+  return outer, {"support_e0": l_support, "query_eT": l_query,
+                 "query_e0": loss_fn(e0, query)}
+
+
+def batch_loss(meta_params: dict[str, Any], model: backbones.Backbone,
+               mapper: align.Mapper | None, cfg: MetaConfig, frozen: dict[str, Any],
+               batch: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """Mean outer loss over the real tasks of a padded batch (vmapped over tasks)."""
+  tasks = {k: v for k, v in batch.items() if k != "task_mask"}
+  losses, aux = jax.vmap(task_loss, in_axes=(None, None, None, None, None, 0))(
+      meta_params, model, mapper, cfg, frozen, tasks)
+  w = batch["task_mask"]
+  denom = jnp.maximum(w.sum(), 1.0)
+  return (losses * w).sum() / denom, {k: (v * w).sum() / denom for k, v in aux.items()}
+
+
+def make_train_step(model: backbones.Backbone, mapper: align.Mapper | None,
+                    cfg: MetaConfig, tx: optax.GradientTransformation,
+                    ) -> Callable[..., tuple[dict[str, Any], dict[str, jnp.ndarray]]]:
+  """Returns ``meta_train_step(state, frozen, batch) -> (state, metrics)``, jitted.
+
+  ``state`` is ``{"params": meta params, "opt_state", "step", "rng"}`` and is
+  donated.  ``batch`` holds [B, ...] task arrays plus ``task_mask`` [B].
+  """
+
+  def meta_train_step(state, frozen, batch):
+    (loss, aux), grads = jax.value_and_grad(batch_loss, has_aux=True)(
+        state["params"], model, mapper, cfg, frozen, batch)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    state = dict(state, params=optax.apply_updates(state["params"], updates),
+                 opt_state=opt_state, step=state["step"] + 1)
+    return state, dict(aux, loss=loss)
+
+  return jax.jit(meta_train_step, donate_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+def adapt_items(meta_params: dict[str, Any], model: backbones.Backbone,
+                cfg: MetaConfig, frozen: dict[str, Any], emb: jnp.ndarray,
+                batch: dict[str, jnp.ndarray]) -> jnp.ndarray:
+  """Applies the learned rule to every item at once (a warm-up phase).
+
+  Args:
+    meta_params: holds the learned ``alpha``.
+    emb: [n, d] current embeddings.
+    batch: Packed phase rows, each [n, K].
+
+  Returns:
+    [n, d] adapted embeddings.
+  """
+  loss_fn = functools.partial(warmup.item_loss, model, frozen["params"], frozen["tables"])
+  rows = {k: batch[k] for k in ("users", "items", "labels", "mask")}
+  return jax.vmap(lambda e, r: adapt(loss_fn, e, r, meta_params["alpha"],
+                                     cfg.inner_steps))(emb, rows)
