@@ -1,0 +1,39 @@
+# emerflow_jax: install, test and run.
+#
+#   make setup   creates .venv and installs requirements*.txt (instant when done)
+#   make test    runs the test suite (data from $EMERFLOW_DATA_DIR, else ../shared/data)
+#   make run     runs the main experiment into runs/
+#   make clean   removes .venv and caches (never runs/ results)
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+# Re-running setup is instant: the stamp is newer than every requirements file.
+STAMP := $(VENV)/.installed
+REQS := $(wildcard requirements.txt requirements-llm.txt requirements-llm-nodeps.txt)
+# requirements-llm-nodeps.txt lists packages installed without their declared
+# dependencies (which would pull in unwanted extras).
+
+.PHONY: setup test run clean
+
+setup: $(STAMP)
+
+$(STAMP): $(REQS)
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -r requirements.txt
+	if [ -f requirements-llm.txt ]; then $(VPY) -m pip install -r requirements-llm.txt; fi
+	if [ -f requirements-llm-nodeps.txt ]; then \
+	  $(VPY) -m pip install --no-deps -r requirements-llm-nodeps.txt; fi
+	touch $@
+
+test: setup
+	EMERFLOW_DATA_DIR=$${EMERFLOW_DATA_DIR:-../shared/data} $(VPY) -m pytest -q tests
+
+run: setup
+	$(VPY) -m experiments.run --config=experiments/configs/movielens100k.py \
+	  --config.method=base --config.backbone=deepfm --config.seeds=3 \
+	  --workdir=runs/movielens100k
+
+clean:
+	rm -rf $(VENV) .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
