@@ -83,6 +83,10 @@ def split_emerging_items(ds: dataset_lib.Dataset, n_max: int, k: int,
   """
   if not 0 < 3 * k <= n_max:
     raise ValueError(f"need 0 < 3K <= N, got K={k}, N={n_max}")
+  bad = np.flatnonzero(~np.isfinite(ds.times))
+  if len(bad):  # NaN has no place in a time order: the phases would be arbitrary
+    raise dataset_lib.DataError(
+        f"{ds.name}: {len(bad)} rows have a non-finite time (first: row {bad[0]})")
   groups = rows_by_item(ds.items, ds.times, ds.n_items)
   sizes = np.asarray([len(g) for g in groups])
   old = np.flatnonzero(sizes > n_max)

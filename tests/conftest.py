@@ -1,0 +1,139 @@
+"""Shared pytest fixtures: a tiny synthetic world, real-data access, the binary.
+
+Session-scoped fixtures are built once and shared by many tests: treat the
+arrays they return as read-only (copy before changing anything).
+
+Fixtures:
+  data_dir: the real data directory ($EMERFLOW_DATA_DIR); skips when unset.
+  real_data: ``real_data("movielens-100k", "u.data", ...)`` -> the folder, or
+    a skip naming the missing files.
+  make_dataset: builds a validated Dataset from raw row arrays.
+  tiny_ds / tiny_split: a ~1,500-row synthetic world and its split (N=40, K=5).
+  tiny_backbone: a DeepFM (d=4) pretrained 2 epochs on tiny_split's base rows.
+  repo_root, experiment_argv: where and how to run ``python -m experiments.run``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from emerflow_jax import pretrain, protocol, tasks
+from emerflow_jax.data import dataset as dataset_lib
+from emerflow_jax.data import paths, synthetic
+from emerflow_jax.models import backbones
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_N, TINY_K = 40, 5
+
+
+def pytest_configure(config):
+  del config
+  # Binaries started by tests may run from another directory: a relative
+  # data dir (``make test`` passes ../shared/data) must keep pointing there.
+  value = os.environ.get(paths.ENV_VAR)
+  if value:
+    os.environ[paths.ENV_VAR] = str(pathlib.Path(value).expanduser().resolve())
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+  """The real data directory; skips the test when there is none."""
+  value = os.environ.get(paths.ENV_VAR)
+  if not value:
+    pytest.skip(f"${paths.ENV_VAR} is not set: no real data to test against")
+  folder = pathlib.Path(value)
+  if not folder.is_dir():
+    pytest.skip(f"${paths.ENV_VAR}={folder} is not a directory")
+  return folder
+
+
+@pytest.fixture(scope="session")
+def real_data(data_dir):
+  """Returns ``get(sub, *files)``: the sub-folder, or a skip naming what is missing."""
+
+  def get(sub: str, *files: str) -> pathlib.Path:
+    folder = data_dir / sub
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+      pytest.skip(f"{folder} lacks {', '.join(missing)}")
+    return folder
+
+  return get
+
+
+@pytest.fixture(scope="session")
+def make_dataset():
+  """Returns ``build(items, times, users=None, labels=None, n_items=None)``.
+
+  The Dataset has one categorical field per side (user_id / item_id); users
+  default to ``row % 7`` and labels to ``row % 2``.
+  """
+
+  def build(items, times, users=None, labels=None, n_items=None):
+    items = np.asarray(items, np.int32)
+    n = len(items)
+    users = (np.arange(n) % 7 if users is None else np.asarray(users)).astype(np.int32)
+    labels = (np.arange(n) % 2 if labels is None else np.asarray(labels))
+    n_items = int(items.max()) + 1 if n_items is None else n_items
+    n_users = int(users.max()) + 1
+    return dataset_lib.Dataset(
+        name="handmade", item_type="item", users=users, items=items,
+        labels=labels.astype(np.float32), times=np.asarray(times, np.float64),
+        user_fields={"user_id": np.arange(1, n_users + 1, dtype=np.int32)},
+        item_fields={"item_id": np.arange(1, n_items + 1, dtype=np.int32)},
+        vocab_sizes={"user/user_id": n_users + 1, "item/item_id": n_items + 1},
+        item_keys=np.asarray([str(i) for i in range(n_items)]),
+        item_raw=[{"name": f"item {i}"} for i in range(n_items)]).validate()
+
+  return build
+
+
+@pytest.fixture(scope="session")
+def tiny_ds() -> dataset_lib.Dataset:
+  """60 users, 40 items, about 1,500 rows (seed 0)."""
+  return synthetic.make_synthetic(n_users=60, n_items=40, mean_count=40, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_split(tiny_ds) -> protocol.Split:
+  """tiny_ds split with N=40, K=5: 8 old and 14 emerging items."""
+  return protocol.split_emerging_items(tiny_ds, n_max=TINY_N, k=TINY_K)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_ds, tiny_split, tmp_path_factory) -> types.SimpleNamespace:
+  """A small DeepFM pretrained on the tiny world: .model, .tables, .params."""
+  model = backbones.make_backbone("deepfm", tiny_ds, dim=4, mlp=(8,))
+  tables = backbones.make_tables(tiny_ds)
+  params = pretrain.pretrain_backbone(
+      model, tables, tasks.pack_flat(tiny_ds, tiny_split.base_rows),
+      jax.random.key(0), epochs=2, batch_size=64, lr=1e-2,
+      ckpt_dir=tmp_path_factory.mktemp("tiny_backbone"), log=lambda _: None)
+  return types.SimpleNamespace(model=model, tables=tables, params=params)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> pathlib.Path:
+  """The repository root: the working directory for binaries started by tests."""
+  return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def experiment_argv():
+  """Returns ``argv(workdir, *flags)``, the command line of experiments/run.py.
+
+  Run it with ``cwd=repo_root`` (``-m`` imports from the working directory);
+  ``flags`` holds ``--config=...`` and any ``--config.<field>=...`` overrides.
+  """
+
+  def argv(workdir, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "experiments.run", *flags, f"--workdir={workdir}"]
+
+  return argv
