@@ -8,6 +8,7 @@ Fixtures:
   real_data: ``real_data("movielens-100k", "u.data", ...)`` -> the folder, or
     a skip naming the missing files.
   make_dataset: builds a validated Dataset from raw row arrays.
+  random_params: backbone parameters drawn with NumPy (nothing to compile).
   tiny_ds / tiny_split: a ~1,500-row synthetic world and its split (N=40, K=5).
   tiny_backbone: a DeepFM (d=4) pretrained 2 epochs on tiny_split's base rows.
   repo_root, experiment_argv: where and how to run ``python -m experiments.run``.
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import types
 
 import jax
@@ -33,13 +36,47 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_N, TINY_K = 40, 5
 
 
+_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": None,
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+_own_cache_dir = None
+
+
 def pytest_configure(config):
+  """Absolute data dir; one XLA compilation cache for the whole session.
+
+  Binaries started by tests may run from another directory, so a relative
+  data dir (``make test`` passes ../shared/data) is made absolute.
+
+  Many tests compile the same program more than once (each pretraining run
+  builds a fresh jit closure, each binary starts a fresh process).  A
+  persistent compilation cache, shared through the environment with the
+  binaries the tests start, compiles each program once; it changes no result.
+  A cache directory already set in the environment is used as is.
+  """
   del config
-  # Binaries started by tests may run from another directory: a relative
-  # data dir (``make test`` passes ../shared/data) must keep pointing there.
+  global _own_cache_dir
   value = os.environ.get(paths.ENV_VAR)
   if value:
     os.environ[paths.ENV_VAR] = str(pathlib.Path(value).expanduser().resolve())
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _own_cache_dir = tempfile.mkdtemp(prefix="emerflow-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _own_cache_dir
+  for name, default in _CACHE_ENV.items():
+    os.environ.setdefault(name, default)
+  # jax read its environment at import time: configure this process directly.
+  env = os.environ
+  jax.config.update("jax_compilation_cache_dir", env["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                    int(env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+def pytest_unconfigure(config):
+  del config
+  if _own_cache_dir:
+    shutil.rmtree(_own_cache_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +130,26 @@ def make_dataset():
         item_raw=[{"name": f"item {i}"} for i in range(n_items)]).validate()
 
   return build
+
+
+@pytest.fixture(scope="session")
+def random_params():
+  """Returns ``init(model, tables, seed=0, scale=0.3)``: N(0, scale^2) params.
+
+  Shapes come from ``jax.eval_shape`` of the real initialiser, so nothing is
+  compiled; the larger-than-default scale makes outputs depend visibly on
+  every input (useful for gradient and masking checks).
+  """
+
+  def init(model, tables, seed: int = 0, scale: float = 0.3):
+    shapes = jax.eval_shape(
+        lambda k: backbones.init_params(model, tables, k), jax.random.key(0))
+    leaves, treedef = jax.tree.flatten(shapes)
+    rng = np.random.default_rng(seed)
+    return jax.tree.unflatten(treedef, [
+        jax.numpy.asarray(scale * rng.normal(size=s.shape), s.dtype) for s in leaves])
+
+  return init
 
 
 @pytest.fixture(scope="session")
