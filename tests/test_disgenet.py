@@ -139,6 +139,13 @@ def test_sample_negatives_too_many():
   with pytest.raises(dataset.DataError, match="item C9: needs 6 negatives"):
     disgenet.sample_negatives(np.zeros(3, int), [np.arange(5)], 8, 2,
                               np.random.default_rng(0), keys=["C9"])
+  # Weighted draws name the right item too (item 1 lacks weighted users).
+  weights = np.r_[np.ones(4), np.zeros(6)]
+  with pytest.raises(dataset.DataError, match="item C8: needs 2 negatives"):
+    disgenet.sample_negatives(np.asarray([0, 1, 1]), [np.asarray([0]),
+                              np.asarray([0, 1, 2])], 10, 1,
+                              np.random.default_rng(0), weights=weights,
+                              keys=["C7", "C8"])
 
 
 @pytest.mark.parametrize("bad, line, message", [
@@ -236,3 +243,17 @@ def test_real_split_counts(real):
   for a, b in (("warm_a", "warm_b"), ("warm_b", "warm_c")):
     assert np.all(ds.times[split.warm_rows[a]].max(1)
                   <= ds.times[split.warm_rows[b]].min(1))
+
+
+def test_real_degree_sampling_matches_gene_popularity(real):
+  folder, _ = real
+  ds = disgenet.load_disgenet(folder, neg_sampling="degree")
+  assert ds.n_rows == 159310 and ds.info["neg_sampling"] == "degree"
+  neg = ds.labels == 0
+  np.testing.assert_array_equal(np.bincount(ds.items[neg], minlength=ds.n_items),
+                                np.bincount(ds.items[~neg], minlength=ds.n_items))
+  # Genes are drawn as negatives about as often as they are positives, so gene
+  # popularity alone no longer separates the labels.
+  pos_count = np.bincount(ds.users[~neg], minlength=ds.n_users)
+  neg_count = np.bincount(ds.users[neg], minlength=ds.n_users)
+  assert np.corrcoef(pos_count, neg_count)[0, 1] > 0.9

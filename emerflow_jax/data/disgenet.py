@@ -89,6 +89,9 @@ MESH_CLASSES = {
     "C26": "Wounds and Injuries", "F01": "Behavior and Behavior Mechanisms",
     "F03": "Mental Disorders",
 }
+# The columns the reader uses (the others are checked for count only).
+USED = ("geneId", "DSI", "DPI", "diseaseId", "diseaseName", "diseaseType",
+        "diseaseClass", "diseaseSemanticType", "YearInitial")
 MISSING_YEAR = ("drop", "last")
 NEG_SAMPLING = ("uniform", "degree")
 
@@ -120,7 +123,7 @@ def _number(path: pathlib.Path, lineno: int, text: str, what: str,
 
 
 def _read_rows(path: pathlib.Path) -> list[tuple[int, dict[str, str]]]:
-  """Returns (line number, {column: stripped text}) for every data line."""
+  """Returns (line number, {used column: stripped text}) for every data line."""
   with gzip.open(path, "rt", encoding="utf-8") as f:
     lines = [line.rstrip("\r\n") for line in f]
   if not lines:
@@ -129,6 +132,7 @@ def _read_rows(path: pathlib.Path) -> list[tuple[int, dict[str, str]]]:
   missing = [c for c in COLUMNS if c not in header]
   if missing:
     raise _error(path, 1, f"header lacks columns {missing}")
+  cols = [(c, header.index(c)) for c in USED]
   out = []
   for lineno, line in enumerate(lines[1:], 2):
     if not line.strip():
@@ -137,7 +141,7 @@ def _read_rows(path: pathlib.Path) -> list[tuple[int, dict[str, str]]]:
     if len(parts) != len(header):
       raise _error(path, lineno, f"expected {len(header)} tab-separated fields, "
                    f"got {len(parts)}: {line[:80]!r}")
-    out.append((lineno, {h: p.strip() for h, p in zip(header, parts)}))
+    out.append((lineno, {c: parts[j].strip() for c, j in cols}))
   return out
 
 
@@ -195,9 +199,9 @@ def sample_negatives(items: np.ndarray, known: list[np.ndarray], n_users: int,
                                 f"{len(cand)} users with weight > 0 are free")
       # Efraimidis-Spirakis: the `need` largest log(u) / w are a weighted
       # draw without replacement, in O(users) instead of choice(p=...)'s loop.
-      keys = np.log(rng.random(len(cand))) / weights[cand]
-      top = np.argpartition(-keys, need - 1)[:need]
-      draw = cand[top[np.argsort(-keys[top], kind="stable")]]
+      score = np.log(rng.random(len(cand))) / weights[cand]
+      top = np.argpartition(-score, need - 1)[:need]
+      draw = cand[top[np.argsort(-score[top], kind="stable")]]
     out[rows] = draw.reshape(len(rows), ratio)
   return out
 
