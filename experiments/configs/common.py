@@ -78,17 +78,30 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.metaemb.lr = 1e-3             # generator Adam learning rate
   c.metaemb.inner_lr = 1e-3       # the one inner step's learning rate
   c.metaemb.alpha = 0.1           # loss = alpha * L_a + (1 - alpha) * L_b
+  c.metaemb.hidden = 16           # generator hidden width (Linear-ReLU-Linear, as in CVAR's MetaE)
+  c.metaemb.batch_tasks = 64      # old-item tasks per meta step
+  c.metaemb.support_rows = k      # padded width of batch a (K mimics a warm phase)
+  c.metaemb.query_rows = 2 * k    # padded width of batch b
 
   c.mwuf = ml_collections.ConfigDict()
   c.mwuf.epochs = 10              # meta scaling/shifting networks' training epochs
   c.mwuf.lr = 1e-3                # their Adam learning rate
+  c.mwuf.hidden = 16              # hidden width of both meta networks
+  c.mwuf.batch_size = 256         # old-item rows per training step
+  c.mwuf.cold_users = "mean"      # shift input before any row is seen: mean (all users' mean) | zero
 
   c.cvar = ml_collections.ConfigDict()
-  c.cvar.epochs = 10              # CVAE training epochs on old items
+  c.cvar.epochs = 1               # CVAE epochs over old-item rows (1 x iters steps per batch, as in CVAR)
   c.cvar.lr = 1e-3                # CVAE Adam learning rate
   c.cvar.latent_dim = 16          # latent z dimension
-  c.cvar.wass_weight = 1.0        # weight of the Wasserstein term
+  c.cvar.wass_weight = 1e-4       # weight of the batch-summed Wasserstein term (1e-4 as in CVAR)
   c.cvar.recon_weight = 1.0       # weight of the reconstruction term
+  c.cvar.iters = 10               # Adam steps per minibatch (CVAR's cvar_iters)
+  c.cvar.batch_size = 256         # rows per CVAE minibatch
+  c.cvar.warm_epochs = 1          # CVAE epochs over each warm phase's rows (CVAR's cvar_epochs)
+  c.cvar.noise = 1e-4             # scale of the latent sample noise (1e-4 as in CVAR)
+  c.cvar.own_id = True            # CVAE's own trainable item-ID input table (zeros for new items)
+  c.cvar.keep = 0.0               # after a phase: keep * fine-tuned + (1 - keep) * decoded (0 = CVAR)
   return c
 
 
