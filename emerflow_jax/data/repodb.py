@@ -41,6 +41,9 @@ that here, because rows are not paired as in DisGeNET.
 | emerging drugs (6..12 rows) | 260 |
 | warm_a / warm_b / warm_c rows | 520 each (260 x 2) |
 | test rows | 650 (per drug 0..6, median 2) |
+
+The labels lean on the indication: its approval rate among old drugs alone
+scores 0.92 AUC on those test rows, so the item side has little room here.
 """
 
 from __future__ import annotations
