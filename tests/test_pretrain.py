@@ -1,0 +1,137 @@
+"""Tests for resumable backbone pretraining, in process and with a real kill."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emerflow_jax import pretrain, tasks
+from emerflow_jax.models import backbones
+
+# Same model and optimiser as the tiny_backbone fixture: the compiled epoch is
+# shared through the session's compilation cache.
+DIM, MLP, BATCH, LR = 4, (8,), 64, 1e-2
+
+
+def _pretrain(ds, split, ckpt_dir, epochs, log=None):
+  model = backbones.make_backbone("deepfm", ds, dim=DIM, mlp=MLP)
+  tables = backbones.make_tables(ds)
+  return pretrain.pretrain_backbone(
+      model, tables, tasks.pack_flat(ds, split.base_rows), jax.random.key(0),
+      epochs=epochs, batch_size=BATCH, lr=LR, ckpt_dir=ckpt_dir,
+      log=(log or (lambda _: None)))
+
+
+def _assert_bit_exact(a, b):
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(tiny_ds, tiny_split, tmp_path):
+  lines = []
+  _pretrain(tiny_ds, tiny_split, tmp_path / "a", epochs=2)
+  resumed = _pretrain(tiny_ds, tiny_split, tmp_path / "a", epochs=4, log=lines.append)
+  straight = _pretrain(tiny_ds, tiny_split, tmp_path / "b", epochs=4)
+  assert any("resumed from epoch 2" in s for s in lines)
+  assert sum("pretrain: epoch" in s for s in lines) == 2  # epochs 3 and 4 only
+  _assert_bit_exact(resumed, straight)
+  # ...and it is not simply the 2-epoch state (the check can fail).
+  two = _pretrain(tiny_ds, tiny_split, tmp_path / "a2", epochs=2)
+  assert not np.array_equal(backbones.item_embedding_table(two),
+                            backbones.item_embedding_table(straight))
+
+
+def test_finished_run_is_not_retrained(tiny_ds, tiny_split, tmp_path):
+  first = _pretrain(tiny_ds, tiny_split, tmp_path / "c", epochs=2)
+  lines = []
+  again = _pretrain(tiny_ds, tiny_split, tmp_path / "c", epochs=2, log=lines.append)
+  assert not any("pretrain: epoch" in s for s in lines)
+  _assert_bit_exact(again, first)
+
+
+def test_pretraining_lowers_the_training_loss(tiny_ds, tiny_split, tiny_backbone,
+                                             random_params):
+  bb = tiny_backbone
+  rows = tasks.pack_flat(tiny_ds, tiny_split.base_rows)
+
+  @jax.jit
+  def loss(params):
+    logits = backbones.score(bb.model, params, bb.tables, jnp.asarray(rows["users"]),
+                             jnp.asarray(rows["items"]))
+    return backbones.bce_loss(logits, jnp.asarray(rows["labels"]))
+
+  untrained = random_params(bb.model, bb.tables, scale=0.01)
+  assert float(loss(bb.params)) < float(loss(untrained)) - 0.01
+
+
+# --- a real kill ---------------------------------------------------------------
+
+# Many short epochs, so that the kill lands between two checkpoints.
+EPOCHS = 12
+FLAGS = ("--config=experiments/configs/synthetic.py:smoke", "--config.method=base",
+         f"--config.optim.epochs={EPOCHS}")
+
+
+def _start(argv, workdir: pathlib.Path, cwd) -> subprocess.Popen:
+  workdir.mkdir(parents=True)
+  log = open(workdir.parent / f"{workdir.name}.log", "wb")  # closed by the OS at exit
+  return subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _log(workdir: pathlib.Path) -> str:
+  return (workdir.parent / f"{workdir.name}.log").read_text(errors="replace")
+
+
+def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+  """Finished pretraining checkpoints (Orbax renames a step dir when complete)."""
+  return sorted(int(p.name) for p in workdir.glob("backbones/*/*") if p.name.isdigit())
+
+
+def _wait(proc: subprocess.Popen, workdir: pathlib.Path, timeout_s: float = 600):
+  try:
+    rc = proc.wait(timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise
+  assert rc == 0, _log(workdir)[-3000:]
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(
+    tmp_path, experiment_argv, repo_root):
+  straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+  # The uninterrupted run goes first: it also fills the session's compilation
+  # cache, so the run that gets killed only reads the cache, never writes it.
+  straight = _start(experiment_argv(straight_dir, *FLAGS), straight_dir, repo_root)
+  _wait(straight, straight_dir)
+  victim = _start(experiment_argv(killed_dir, *FLAGS), killed_dir, repo_root)
+  try:
+    while not _checkpoint_steps(killed_dir):
+      assert victim.poll() is None, "run ended before its first checkpoint:\n" + (
+          _log(killed_dir)[-3000:])
+      time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+  finally:
+    if victim.poll() is None:
+      victim.kill()
+  steps = _checkpoint_steps(killed_dir)
+  assert steps and max(steps) < EPOCHS, f"kill came too late: steps {steps}"
+  assert not (killed_dir / "results.json").exists()
+
+  rerun = subprocess.run(experiment_argv(killed_dir, *FLAGS), cwd=repo_root,
+                         capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"resumed from epoch {max(steps)}" in rerun.stderr
+  got = json.loads((killed_dir / "results.json").read_text())
+  want = json.loads((straight_dir / "results.json").read_text())
+  for key in ("auc", "f1", "val_auc"):
+    assert got[key] == want[key], key
+  assert max(_checkpoint_steps(killed_dir)) == EPOCHS
