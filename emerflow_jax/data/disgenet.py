@@ -49,8 +49,9 @@ and the K-parity argument above.
 Negative-sampling caveat: with uniform negatives (the default) a gene's
 popularity alone separates the labels (AUC 0.82 for "number of diseases of the
 gene" as the score).  ``neg_sampling="degree"`` draws negatives in proportion to
-each gene's number of dated associations, which brings that shortcut to 0.52, so
-the item embedding has to carry the signal.
+each gene's number of positive rows, which brings that shortcut to 0.52, so the
+item embedding has to carry the signal (base + DeepFM test AUC drops from
+.72 -> .74 to .56 -> .60, cold -> warm_c).
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def load_disgenet(folder: pathlib.Path, missing_year: str = "drop",
     neg_ratio: sampled negatives per positive.
     neg_seed: seed of the negative sampler.
     neg_sampling: "uniform" over non-associated genes, or "degree" =
-      proportional to each gene's number of dated associations.
+      proportional to each gene's number of positive rows.
     n_buckets: quantile buckets for DSI and DPI.
 
   Returns:
