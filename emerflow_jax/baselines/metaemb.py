@@ -80,7 +80,8 @@ def backbone_embed(params: Any) -> dict[str, jnp.ndarray]:
   return params["params"]["embed"]
 
 
-def _uniform(scale: float) -> Callable[..., jnp.ndarray]:
+def uniform_init(scale: float) -> Callable[..., jnp.ndarray]:
+  """U(-scale, scale), the CVAR code base's init for its small networks."""
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -scale, scale)
   return init
@@ -98,7 +99,7 @@ class TwoLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    init = _uniform(0.01)
+    init = uniform_init(0.01)
     h = nn.relu(nn.Dense(self.hidden, kernel_init=init, bias_init=init)(x))
     return nn.Dense(self.out, kernel_init=init, bias_init=init)(h)
 

@@ -1,0 +1,97 @@
+"""DropoutNet: a fraction `rate` of pretraining batches score with the mean embedding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from emerflow_jax import methods, pretrain, protocol, tasks, train
+from emerflow_jax.baselines import dropoutnet
+from emerflow_jax.data import synthetic
+from emerflow_jax.models import backbones
+from experiments.configs import common
+
+
+@pytest.fixture(scope="module")
+def world():
+  ds = synthetic.make_synthetic(n_users=120, n_items=150, mean_count=30, seed=0)
+  return ds, protocol.split_emerging_items(ds, 40, 5)
+
+
+def test_configure_takes_the_rate_from_the_config():
+  config = common.base_config("synthetic", n_max=40, k=5)
+  config.dropoutnet.rate = 0.3
+  method = methods.get_method("dropoutnet")
+  method.configure(config)
+  assert method.item_dropout == 0.3
+  config.dropoutnet.rate = 1.5
+  with pytest.raises(ValueError, match="rate"):
+    method.configure(config)
+
+
+def test_dropped_batches_use_the_mean_at_the_configured_rate(world):
+  ds, split = world
+  config = common.base_config("synthetic", n_max=40, k=5)
+  config.dropoutnet.rate = 0.3
+  method = dropoutnet.DropoutNet()
+  method.configure(config)
+  model = backbones.make_backbone("deepfm", ds, 8, (8,))
+  tables = backbones.make_tables(ds)
+  params = backbones.init_params(model, tables, jax.random.key(0))
+  # Large embeddings (the init is 0.01), so that the two candidate losses are
+  # far apart through the FM term.
+  params["params"]["embed"] = jax.tree.map(lambda t: 30.0 * t, params["params"]["embed"])
+  rows = tasks.pack_flat(ds, split.base_rows[:512])
+  users, items, labels = (jnp.asarray(rows[k]) for k in ("users", "items", "labels"))
+  emb = jnp.take(backbones.item_embedding_table(params),
+                 backbones.item_ids(tables, items), axis=0)
+  full = backbones.bce_loss(backbones.score(model, params, tables, users, items), labels)
+  mean = jnp.broadcast_to(emb.mean(0), emb.shape)
+  dropped = backbones.bce_loss(backbones.score(model, params, tables, users, items, mean),
+                               labels)
+  assert abs(float(full) - float(dropped)) > 1e-2
+  # One batch = all rows per epoch, a zero learning rate: each epoch's loss is
+  # the full-embedding loss or the mean-embedding loss, whatever the shuffle.
+  tx = optax.sgd(0.0)
+  epoch_fn = pretrain.make_epoch_fn(model, tx, tables, 512, method.item_dropout)
+  state = pretrain.init_state(params, tx, jax.random.key(1))
+  n, n_drop = 200, 0
+  for e in range(n):
+    state, losses = epoch_fn(state, users, items, labels, e)
+    loss = float(losses[0])
+    is_drop = np.isclose(loss, float(dropped), atol=1e-4)
+    assert is_drop or np.isclose(loss, float(full), atol=1e-4), loss
+    n_drop += int(is_drop)
+  sigma = np.sqrt(n * 0.3 * 0.7)
+  assert abs(n_drop - 0.3 * n) < 4 * sigma, n_drop
+
+
+def test_end_to_end_cold_is_the_row_weighted_mean(world, tmp_path):
+  ds, split = world
+  config = common.base_config("synthetic", n_max=40, k=5)
+  config.warmup.steps = 3
+  method = dropoutnet.DropoutNet()
+  method.configure(config)
+  model = backbones.make_backbone("deepfm", ds, 8, (8,))
+  tables = backbones.make_tables(ds)
+  params = pretrain.pretrain_backbone(
+      model, tables, tasks.pack_flat(ds, split.base_rows), jax.random.key(0),
+      epochs=1, batch_size=128, lr=1e-2, ckpt_dir=tmp_path / "backbone",
+      item_dropout=method.item_dropout, log=lambda _: None)
+  ctx = methods.Context(config=config, ds=ds, split=split, model=model,
+                        params=params, tables=tables, key=jax.random.key(1),
+                        workdir=tmp_path / "method")
+  state = method.fit(ctx)
+  table = backbones.item_embedding_table(params)
+  base_items = ds.items[split.base_rows]
+  want = jnp.take(table, backbones.item_ids(tables, base_items), axis=0).mean(0)
+  cold = method.cold(ctx, state, split.emerging_items)
+  np.testing.assert_allclose(cold, np.broadcast_to(want, cold.shape), rtol=1e-5, atol=1e-7)
+  out = train.evaluate_items(method, ctx, state, split.emerging_items, split.warm_rows,
+                             split.test_rows, split.test_owner)
+  assert all(np.isfinite(v) and 0 <= v <= 1 for v in out["auc"].values())
+  # A backbone pretrained with another rate is refused.
+  config.dropoutnet.rate = 0.2
+  with pytest.raises(ValueError, match="configure"):
+    method.fit(ctx)
