@@ -5,34 +5,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emerflow_jax import methods, pretrain, protocol, tasks, train
+from emerflow_jax import methods, protocol, tasks, train
 from emerflow_jax.baselines import cvar
-from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 from experiments.configs import common
 
 
-@pytest.fixture(scope="module")
-def ctx(tmp_path_factory):
-  """A tiny synthetic world with a briefly pretrained backbone."""
-  tmp = tmp_path_factory.mktemp("cvar")
+@pytest.fixture
+def ctx(tiny_ds, tiny_split, tiny_backbone, tmp_path):
+  """The shared tiny world and its pretrained DeepFM."""
   config = common.base_config("synthetic", n_max=40, k=5)
   config.cvar.epochs = 3
   config.cvar.iters = 2
   config.cvar.batch_size = 128
   config.cvar.lr = 1e-2
   config.warmup.steps = 3
-  ds = synthetic.make_synthetic(n_users=120, n_items=150, mean_count=30, seed=0)
-  split = protocol.split_emerging_items(ds, 40, 5)
-  model = backbones.make_backbone("widedeep", ds, 8, (8,))
-  tables = backbones.make_tables(ds)
-  params = pretrain.pretrain_backbone(
-      model, tables, tasks.pack_flat(ds, split.base_rows), jax.random.key(0),
-      epochs=1, batch_size=128, lr=1e-2, ckpt_dir=tmp / "backbone",
-      log=lambda _: None)
-  return methods.Context(config=config, ds=ds, split=split, model=model,
-                         params=params, tables=tables, key=jax.random.key(1),
-                         workdir=tmp / "method")
+  return methods.Context(config=config, ds=tiny_ds, split=tiny_split,
+                         model=tiny_backbone.model, params=tiny_backbone.params,
+                         tables=tiny_backbone.tables, key=jax.random.key(1),
+                         workdir=tmp_path / "method")
 
 
 def test_wasserstein_matches_closed_form():

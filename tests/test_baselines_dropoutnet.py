@@ -6,17 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from emerflow_jax import methods, pretrain, protocol, tasks, train
+from emerflow_jax import methods, pretrain, tasks, train
 from emerflow_jax.baselines import dropoutnet
-from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 from experiments.configs import common
-
-
-@pytest.fixture(scope="module")
-def world():
-  ds = synthetic.make_synthetic(n_users=120, n_items=150, mean_count=30, seed=0)
-  return ds, protocol.split_emerging_items(ds, 40, 5)
 
 
 def test_configure_takes_the_rate_from_the_config():
@@ -30,19 +23,19 @@ def test_configure_takes_the_rate_from_the_config():
     method.configure(config)
 
 
-def test_dropped_batches_use_the_mean_at_the_configured_rate(world):
-  ds, split = world
+def test_dropped_batches_use_the_mean_at_the_configured_rate(tiny_ds, tiny_split,
+                                                            random_params):
+  ds, split = tiny_ds, tiny_split
   config = common.base_config("synthetic", n_max=40, k=5)
   config.dropoutnet.rate = 0.3
   method = dropoutnet.DropoutNet()
   method.configure(config)
-  model = backbones.make_backbone("deepfm", ds, 8, (8,))
+  model = backbones.make_backbone("deepfm", ds, 4, (8,))
   tables = backbones.make_tables(ds)
-  params = backbones.init_params(model, tables, jax.random.key(0))
-  # Large embeddings (the init is 0.01), so that the two candidate losses are
-  # far apart through the FM term.
-  params["params"]["embed"] = jax.tree.map(lambda t: 30.0 * t, params["params"]["embed"])
-  rows = tasks.pack_flat(ds, split.base_rows[:512])
+  # N(0, 0.3^2) parameters: the two candidate losses are far apart.
+  params = random_params(model, tables)
+  rows = tasks.pack_flat(ds, split.base_rows)
+  n_rows = len(split.base_rows)
   users, items, labels = (jnp.asarray(rows[k]) for k in ("users", "items", "labels"))
   emb = jnp.take(backbones.item_embedding_table(params),
                  backbones.item_ids(tables, items), axis=0)
@@ -54,7 +47,7 @@ def test_dropped_batches_use_the_mean_at_the_configured_rate(world):
   # One batch = all rows per epoch, a zero learning rate: each epoch's loss is
   # the full-embedding loss or the mean-embedding loss, whatever the shuffle.
   tx = optax.sgd(0.0)
-  epoch_fn = pretrain.make_epoch_fn(model, tx, tables, 512, method.item_dropout)
+  epoch_fn = pretrain.make_epoch_fn(model, tx, tables, n_rows, method.item_dropout)
   state = pretrain.init_state(params, tx, jax.random.key(1))
   n, n_drop = 200, 0
   for e in range(n):
@@ -67,17 +60,17 @@ def test_dropped_batches_use_the_mean_at_the_configured_rate(world):
   assert abs(n_drop - 0.3 * n) < 4 * sigma, n_drop
 
 
-def test_end_to_end_cold_is_the_row_weighted_mean(world, tmp_path):
-  ds, split = world
+def test_end_to_end_cold_is_the_row_weighted_mean(tiny_ds, tiny_split, tmp_path):
+  ds, split = tiny_ds, tiny_split
   config = common.base_config("synthetic", n_max=40, k=5)
   config.warmup.steps = 3
   method = dropoutnet.DropoutNet()
   method.configure(config)
-  model = backbones.make_backbone("deepfm", ds, 8, (8,))
+  model = backbones.make_backbone("deepfm", ds, 4, (8,))
   tables = backbones.make_tables(ds)
   params = pretrain.pretrain_backbone(
       model, tables, tasks.pack_flat(ds, split.base_rows), jax.random.key(0),
-      epochs=1, batch_size=128, lr=1e-2, ckpt_dir=tmp_path / "backbone",
+      epochs=1, batch_size=64, lr=1e-2, ckpt_dir=tmp_path / "backbone",
       item_dropout=method.item_dropout, log=lambda _: None)
   ctx = methods.Context(config=config, ds=ds, split=split, model=model,
                         params=params, tables=tables, key=jax.random.key(1),

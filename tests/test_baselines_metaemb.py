@@ -5,40 +5,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emerflow_jax import methods, pretrain, protocol, tasks, train
+from emerflow_jax import methods, tasks, train
 from emerflow_jax.baselines import metaemb
-from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 from experiments.configs import common
 
 
-def _context(tmp_path, backbone="deepfm", epochs=1):
-  """A tiny synthetic world with a briefly pretrained backbone (epochs=0: init)."""
+def _config():
   config = common.base_config("synthetic", n_max=40, k=5)
-  config.backbone = backbone
   config.metaemb.epochs = 2
   config.metaemb.batch_tasks = 8
   config.warmup.steps = 3
-  ds = synthetic.make_synthetic(n_users=120, n_items=150, mean_count=30, seed=0)
-  split = protocol.split_emerging_items(ds, 40, 5)
-  model = backbones.make_backbone(backbone, ds, 8, (8,))
-  tables = backbones.make_tables(ds)
-  if epochs:
-    params = pretrain.pretrain_backbone(
-        model, tables, tasks.pack_flat(ds, split.base_rows), jax.random.key(0),
-        epochs=epochs, batch_size=128, lr=1e-2, ckpt_dir=tmp_path / "backbone",
-        log=lambda _: None)
-  else:  # larger than the 0.01 init, so that every term of a gradient matters
-    params = jax.tree.map(lambda x: 10.0 * x,
-                          backbones.init_params(model, tables, jax.random.key(0)))
-  return methods.Context(config=config, ds=ds, split=split, model=model,
-                         params=params, tables=tables, key=jax.random.key(1),
+  return config
+
+
+@pytest.fixture
+def ctx(tiny_ds, tiny_split, tiny_backbone, tmp_path):
+  """The shared tiny world and its pretrained DeepFM."""
+  return methods.Context(config=_config(), ds=tiny_ds, split=tiny_split,
+                         model=tiny_backbone.model, params=tiny_backbone.params,
+                         tables=tiny_backbone.tables, key=jax.random.key(1),
                          workdir=tmp_path / "method")
-
-
-@pytest.fixture(scope="module")
-def ctx(tmp_path_factory):
-  return _context(tmp_path_factory.mktemp("metaemb"))
 
 
 def _field_stack(ctx, users, items, item_emb):
@@ -57,8 +44,13 @@ def _field_stack(ctx, users, items, item_emb):
   return jnp.stack(out, 1)
 
 
-def test_inner_step_is_one_hand_computed_sgd_step(tmp_path):
-  ctx = _context(tmp_path, backbone="fm", epochs=0)
+def test_inner_step_is_one_hand_computed_sgd_step(tiny_ds, tiny_split, random_params,
+                                                  tmp_path):
+  model = backbones.make_backbone("fm", tiny_ds, 4)
+  tables = backbones.make_tables(tiny_ds)
+  ctx = methods.Context(config=_config(), ds=tiny_ds, split=tiny_split, model=model,
+                        params=random_params(model, tables), tables=tables,
+                        key=jax.random.key(1), workdir=tmp_path)
   rows = tasks.pack_rows(ctx.ds, [ctx.split.meta_chunks[0][0]], 8)
   rows = {k: jnp.asarray(v[0]) for k, v in rows.items()}
   rows["mask"] = rows["mask"].at[-1].set(0.0)  # a padded row must not count
