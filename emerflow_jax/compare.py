@@ -1,0 +1,304 @@
+"""The comparison a reviewer asks for: every method x backbone x seed on one protocol.
+
+``run_grid`` runs each (method, backbone) through ``train.train_and_evaluate``
+in its own sub-workdir ``<workdir>/<method>_<backbone>``, with one backbone
+cache for the whole grid (``config.optim.cache_dir``) so that a backbone is
+pretrained once per (backbone, seed, dropout rate) and shared by every method.
+A finished run (its ``results.json`` holds the requested seeds) is read back,
+not re-run; a run whose stored config differs from the requested one is an
+error rather than a silent mix.  A failing run is recorded and the grid goes on.
+
+``write_comparison`` writes ``comparison.json``, ``comparison.md`` (mean ± std
+AUC and F1 per phase, best per backbone and column in bold, the validation AUC
+that hyperparameters were chosen on, every phase where a baseline beats
+EmerFlow, wall times) and ``comparison.png`` (AUC by phase, one panel per
+backbone, one line per method).  ``update_results_md`` writes that dataset's
+section of the repository's RESULTS.md and leaves other datasets' sections.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import pathlib
+import re
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+import ml_collections
+import numpy as np
+
+from emerflow_jax import protocol, results, train
+
+PHASES = list(protocol.PHASES)
+REFERENCE = "emerflow"
+# Config fields that locate files but do not change what a run computes.
+_PATH_FIELDS = (("data", "dir"), ("data", "download"), ("optim", "cache_dir"),
+                ("enrich", "cache_dir"))
+
+
+def run_dir(workdir: pathlib.Path, method: str, backbone: str) -> pathlib.Path:
+  return pathlib.Path(workdir) / f"{method}_{backbone}"
+
+
+def grid_config(config: ml_collections.ConfigDict, method: str, backbone: str,
+                seeds: int, cache_dir: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` for one grid cell (only existing fields are set)."""
+  c = copy.deepcopy(config)
+  c.method, c.backbone, c.seeds = method, backbone, int(seeds)
+  c.optim.cache_dir = cache_dir
+  return c
+
+
+def _comparable(config_dict: dict) -> dict:
+  d = json.loads(json.dumps(config_dict, default=str))
+  for section, key in _PATH_FIELDS:
+    d.get(section, {}).pop(key, None)
+  return d
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+  """Dotted keys where two nested dicts differ."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    return out
+  return [] if a == b else [prefix.rstrip(".")]
+
+
+def finished_run(path: pathlib.Path, config: ml_collections.ConfigDict
+                 ) -> dict | None:
+  """The stored results.json when it holds this config's seeds, else None.
+
+  Raises:
+    ValueError: the folder holds a run of a different config.
+  """
+  done = path / "results.json"
+  if not done.exists():
+    return None
+  res = json.loads(done.read_text())
+  diff = _diff(_comparable(res["config"]), _comparable(config.to_dict()))
+  diff = [k for k in diff if k != "seeds"]
+  if diff:
+    raise ValueError(f"{done} was produced with a different config "
+                     f"(differs in {', '.join(diff[:8])}); use a fresh --workdir")
+  want = [int(config.seed) + s for s in range(int(config.seeds))]
+  return res if res.get("seeds") == want else None
+
+
+def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+             methods: Sequence[str], backbones: Sequence[str], seeds: int,
+             run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None
+             ) -> dict:
+  """Runs (or reads back) every method x backbone with ``seeds`` seeds.
+
+  Args:
+    config: the dataset's config (method/backbone/seeds are overridden).
+    workdir: the grid's folder; re-running resumes.
+    methods: registry names, e.g. ("base", "dropoutnet", ...).
+    backbones: e.g. ("deepfm", "widedeep").
+    seeds: seeds per run.
+    run_fn: ``train.train_and_evaluate`` unless given (tests).
+
+  Returns:
+    {"runs": [results.json dicts], "failed": [{"method", "backbone", "error"}],
+     "skipped": ["<method>_<backbone>", ...], "seconds": grid wall time}.
+  """
+  run_fn = run_fn or train.train_and_evaluate
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  cache = config.optim.cache_dir or str(workdir / "backbones")
+  t0 = time.time()
+  out = {"runs": [], "failed": [], "skipped": []}
+  for backbone in backbones:
+    for method in methods:
+      c = grid_config(config, method, backbone, seeds, cache)
+      path = run_dir(workdir, method, backbone)
+      done = finished_run(path, c)
+      if done is not None:
+        logging.info("compare: %s_%s finished, reading it back", method, backbone)
+        out["skipped"].append(path.name)
+        out["runs"].append(done)
+        continue
+      logging.info("compare: running %s with %s (%d seeds)", method, backbone, seeds)
+      try:
+        out["runs"].append(run_fn(c, str(path)))
+      except Exception as e:  # pylint: disable=broad-except
+        # One broken or missing method must not lose the rest of the grid.
+        logging.error("compare: %s_%s failed: %s", method, backbone,
+                      traceback.format_exc())
+        out["failed"].append({"method": method, "backbone": backbone,
+                              "error": f"{type(e).__name__}: {e}"})
+  out["seconds"] = time.time() - t0
+  return out
+
+
+def _stats(values: Sequence[float]) -> dict:
+  v = np.asarray(values, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std()), "values": v.tolist()}
+
+
+def aggregate(grid: dict) -> dict:
+  """The comparison.json dict: per run mean/std/values per metric and phase."""
+  runs = grid["runs"]
+  rows = []
+  for r in runs:
+    row = {"method": r["method"], "backbone": r["backbone"], "seeds": r["seeds"],
+           "seconds": r["seconds"]}
+    for metric in ("auc", "f1", "val_auc"):
+      if metric in r:
+        row[metric] = {p: _stats(r[metric][p]) for p in PHASES}
+    rows.append(row)
+  first = runs[0] if runs else {}
+  return {"dataset": first.get("dataset"), "phases": PHASES,
+          "counts": first.get("counts"), "runs": rows, "failed": grid["failed"],
+          "skipped": grid["skipped"], "grid_seconds": grid["seconds"],
+          "beats_reference": beats_reference(rows)}
+
+
+def beats_reference(rows: list[dict], reference: str = REFERENCE) -> list[dict]:
+  """Every (backbone, metric, phase) where another method's mean beats ``reference``."""
+  out = []
+  for ref in (r for r in rows if r["method"] == reference):
+    for r in rows:
+      if r["backbone"] != ref["backbone"] or r["method"] == reference:
+        continue
+      for metric in ("auc", "f1"):
+        for p in PHASES:
+          a, b = r[metric][p]["mean"], ref[metric][p]["mean"]
+          if a > b:
+            out.append({"backbone": r["backbone"], "metric": metric, "phase": p,
+                        "method": r["method"], "mean": a, "reference": b})
+  return out
+
+
+def _cell(s: dict, bold: bool) -> str:
+  text = f"{s['mean']:.4f} ± {s['std']:.4f}"
+  return f"**{text}**" if bold else text
+
+
+def table(rows: list[dict], metric: str) -> str:
+  """Markdown table: one row per (backbone, method), best per backbone in bold."""
+  rows = [r for r in rows if metric in r]
+  lines = ["| backbone | method | " + " | ".join(PHASES) + " |",
+           "|---|---|" + "---:|" * len(PHASES)]
+  for backbone in dict.fromkeys(r["backbone"] for r in rows):
+    group = [r for r in rows if r["backbone"] == backbone]
+    best = {p: max(r[metric][p]["mean"] for r in group) for p in PHASES}
+    for r in group:
+      cells = [_cell(r[metric][p], len(group) > 1 and r[metric][p]["mean"] == best[p])
+               for p in PHASES]
+      lines.append(f"| {backbone} | {r['method']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def markdown(summary: dict, level: int = 1) -> str:
+  """comparison.md text (``level`` = heading depth of its title)."""
+  h = "#" * level
+  rows = summary["runs"]
+  n = sorted({len(r["seeds"]) for r in rows})
+  seeds = "/".join(str(x) for x in n) or "0"
+  md = [f"{h} {summary['dataset']}: emerging-item comparison", ""]
+  if summary.get("counts"):
+    c = summary["counts"]
+    md += [f"Split: {c['old_items']} old items ({c['base_rows']} rows), "
+           f"{c['emerging_items']} emerging items, {c['test_rows']} test rows. "
+           f"Mean ± std over {seeds} seeds; best per backbone in bold.", ""]
+  md += [f"{h}# Test AUC (pooled test rows)", "", table(rows, "auc"), "",
+         f"{h}# Test F1 (threshold = mean score)", "", table(rows, "f1"), "",
+         f"{h}# Validation AUC (held-out old items; hyperparameters were chosen on this)",
+         "", table(rows, "val_auc"), ""]
+  if any(r["method"] == REFERENCE for r in rows):
+    beats = summary["beats_reference"]
+    md += [f"{h}# Where a baseline beats {REFERENCE}", ""]
+    md += ([f"- {b['backbone']}, {b['metric'].upper()} at {b['phase']}: "
+            f"{b['method']} {b['mean']:.4f} > {b['reference']:.4f}" for b in beats]
+           or ["Nowhere: emerflow has the best mean in every phase, metric and backbone."])
+    md.append("")
+  md += [f"{h}# Wall time (seconds, all seeds)", "",
+         "| backbone | method | pretrain | method | total |", "|---|---|---:|---:|---:|"]
+  for r in rows:
+    s = r["seconds"]
+    md.append(f"| {r['backbone']} | {r['method']} | {s['pretrain']:.0f} | "
+              f"{s['method']:.0f} | {s['total']:.0f} |")
+  md += ["", f"Grid wall time this invocation: {summary['grid_seconds']:.0f} s "
+         f"({len(summary['skipped'])} finished run(s) read back). Pretraining is "
+         "shared through the backbone cache, so a run that found its backbone "
+         "cached shows a small pretrain time.", ""]
+  for f in summary["failed"]:
+    md.append(f"- FAILED {f['method']} with {f['backbone']}: {f['error']}")
+  return "\n".join(md).rstrip() + "\n"
+
+
+def plot(summary: dict, path: pathlib.Path) -> None:
+  """AUC by phase: one panel per backbone, one line (mean ± std band) per method."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = summary["runs"]
+  backbones = list(dict.fromkeys(r["backbone"] for r in rows)) or ["none"]
+  fig, axes = plt.subplots(1, len(backbones), figsize=(5 * len(backbones), 4),
+                           squeeze=False, sharey=True)
+  x = np.arange(len(PHASES))
+  for ax, backbone in zip(axes[0], backbones):
+    for r in (r for r in rows if r["backbone"] == backbone):
+      m = np.asarray([r["auc"][p]["mean"] for p in PHASES])
+      s = np.asarray([r["auc"][p]["std"] for p in PHASES])
+      line, = ax.plot(x, m, marker="o", label=r["method"],
+                      linewidth=2.5 if r["method"] == REFERENCE else 1.5)
+      ax.fill_between(x, m - s, m + s, alpha=0.15, color=line.get_color())
+    ax.set_xticks(x, PHASES)
+    ax.set_title(f"{summary['dataset']} / {backbone}")
+    ax.set_xlabel("phase")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  axes[0][0].set_ylabel("test AUC (pooled)")
+  fig.tight_layout()
+  tmp = path.with_suffix(".tmp.png")
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def write_comparison(workdir: str | os.PathLike, grid: dict) -> dict:
+  """Writes comparison.json/.md/.png into workdir; returns the summary."""
+  workdir = pathlib.Path(workdir).absolute()
+  summary = aggregate(grid)
+  results.write_json_atomic(workdir / "comparison.json", summary)
+  tmp = workdir / "comparison.md.tmp"
+  tmp.write_text(markdown(summary))
+  os.replace(tmp, workdir / "comparison.md")
+  plot(summary, workdir / "comparison.png")
+  return summary
+
+
+def results_section(summary: dict, command: str, commit: str) -> str:
+  """One dataset's section of RESULTS.md: how it was made, then the tables."""
+  body = markdown(summary, level=2)
+  head, rest = body.split("\n", 1)
+  return "\n".join([head, "", f"Produced by `{command}` at commit `{commit}`.",
+                    rest.lstrip("\n")])
+
+
+_HEADER = ("# Results\n\nGenerated by `python -m experiments.compare ... "
+           "--results_md=RESULTS.md`, one section per dataset; do not edit by hand.\n")
+
+
+def update_results_md(path: str | os.PathLike, dataset: str, section: str) -> None:
+  """Writes or replaces ``dataset``'s section of RESULTS.md, keeping the others."""
+  path = pathlib.Path(path)
+  begin, end = f"<!-- results:{dataset}:begin -->", f"<!-- results:{dataset}:end -->"
+  block = f"{begin}\n{section.rstrip()}\n{end}"
+  text = path.read_text() if path.exists() else _HEADER
+  pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+  if pattern.search(text):
+    text = pattern.sub(lambda _: block, text)
+  else:
+    text = text.rstrip("\n") + "\n\n" + block + "\n"
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
