@@ -29,7 +29,13 @@ from emerflow_jax.models import backbones
 
 
 class Mapper(nn.Module):
-  """g_phi: [n, D] text vectors (+ [n, S] side embeddings) -> [n, d]."""
+  """g_phi: [n, D] text vectors (+ [n, S] side embeddings) -> [n, d].
+
+  The output layer starts at zero, so an untrained mapper predicts the (near
+  zero) embedding of an untrained ID instead of a large random vector: with a
+  few hundred old items and a 384-d input, anything the text cannot explain
+  should stay shrunk towards the mean, and early stopping picks how far to go.
+  """
   out_dim: int
   hidden: Sequence[int] = (64,)
 
@@ -38,18 +44,19 @@ class Mapper(nn.Module):
     h = r if side is None else jnp.concatenate([r, side], axis=-1)
     for width in self.hidden:
       h = nn.gelu(nn.Dense(width)(h))
-    return nn.Dense(self.out_dim)(h)
+    return nn.Dense(self.out_dim, kernel_init=nn.initializers.zeros)(h)
 
 
 def standardize(vectors: np.ndarray, fit_items: np.ndarray) -> np.ndarray:
-  """Z-scores every item's vector with mean/std of ``fit_items`` (old items only).
+  """Z-scores every item's vector with mean/std of ``fit_items`` (old items only), / sqrt(D).
 
   Using only old items keeps emerging items' vectors out of any statistic.
   """
   ref = vectors[fit_items]
   mu = ref.mean(0)
   sd = ref.std(0) + 1e-6
-  return ((vectors - mu) / sd).astype(np.float32)
+  # Divide by sqrt(D) as well so an item's vector has norm ~1 whatever D is.
+  return ((vectors - mu) / sd / np.sqrt(vectors.shape[1])).astype(np.float32)
 
 
 def item_side_embeddings(params: Any, tables: backbones.Tables,
@@ -76,7 +83,8 @@ def item_side_embeddings(params: Any, tables: backbones.Tables,
 
 def align_loss(phi: Any, mapper: Mapper, model: backbones.Backbone, params: Any,
                tables: backbones.Tables, r: jnp.ndarray, side: jnp.ndarray | None,
-               targets: jnp.ndarray, rows: dict[str, jnp.ndarray],
+               targets: jnp.ndarray, target_var: jnp.ndarray,
+               rows: dict[str, jnp.ndarray],
                lam: float) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """L_align over a batch of old items and a batch of their rows.
 
@@ -86,6 +94,7 @@ def align_loss(phi: Any, mapper: Mapper, model: backbones.Backbone, params: Any,
     r: [n_items_total, D] standardised vectors of ALL items (gathered by index).
     side: [n_items_total, S] side embeddings or None.
     targets: [n_items_total, d] pretrained ID embeddings (only old rows used).
+    target_var: scalar, mean squared distance of old targets to their mean.
     rows: {"items": [b] old item indices for the MSE term, "users", "row_items",
       "labels": [B] old-item rows for the BCE term}.
     lam: weight of the BCE term.
@@ -96,11 +105,23 @@ def align_loss(phi: Any, mapper: Mapper, model: backbones.Backbone, params: Any,
   def embed(idx):
     return mapper.apply(phi, r[idx], None if side is None else side[idx])
 
+  # Normalised by the targets' variance (fraction of variance unexplained), so
+  # lam means the same thing whatever scale pretraining left the embeddings at.
   mse = jnp.mean(jnp.sum((embed(rows["items"]) - targets[rows["items"]]) ** 2, -1))
+  mse = mse / target_var
   logits = backbones.score(model, params, tables, rows["users"], rows["row_items"],
                            embed(rows["row_items"]))
   bce = backbones.bce_loss(logits, rows["labels"])
   return mse + lam * bce, {"mse": mse, "bce": bce}
+
+
+def fraction_unexplained(phi: Any, mapper: Mapper, r: jnp.ndarray,
+                         side: jnp.ndarray | None, targets: jnp.ndarray,
+                         items: jnp.ndarray) -> jnp.ndarray:
+  """||g_phi(r_i) - e_i||^2 / ||e_i - mean e||^2 over ``items`` (1 = predicts the mean)."""
+  pred = mapper.apply(phi, r[items], None if side is None else side[items])
+  t = targets[items]
+  return jnp.sum((pred - t) ** 2) / jnp.maximum(jnp.sum((t - t.mean(0)) ** 2), 1e-12)
 
 
 def train_mapper(mapper: Mapper, model: backbones.Backbone, params: Any,
@@ -108,8 +129,13 @@ def train_mapper(mapper: Mapper, model: backbones.Backbone, params: Any,
                  old_items: np.ndarray, old_rows: dict[str, np.ndarray],
                  key: jax.Array, steps: int, lr: float, lam: float,
                  batch_rows: int, weight_decay: float, ckpt_dir: str | os.PathLike,
-                 log=logging.info) -> Any:
+                 holdout: float = 0.0, log=logging.info) -> Any:
   """Trains g_phi on old items; resumes from ``ckpt_dir``.
+
+  With ``holdout`` > 0, that fraction of old items is kept out of the MSE term
+  and the mapper returned is the one with the lowest held-out fraction of
+  variance unexplained (checked every steps/20): early stopping on old items
+  only, since an emerging item's target is never known.
 
   Args:
     r: [n_items, D] standardised vectors; side: [n_items, S] or None.
@@ -118,41 +144,60 @@ def train_mapper(mapper: Mapper, model: backbones.Backbone, params: Any,
     key: PRNG key.
     steps, lr, lam, batch_rows, weight_decay: training settings.
     ckpt_dir: Orbax directory.
+    holdout: fraction of old items held out for early stopping.
 
   Returns:
     The mapper parameters phi.
   """
-  init_key, state_key = jax.random.split(key)
+  init_key, state_key, split_key = jax.random.split(key, 3)
   r = jnp.asarray(r)
   side = None if side is None else jnp.asarray(side)
   targets = jnp.take(backbones.item_embedding_table(params),
                      backbones.item_ids(tables, jnp.arange(r.shape[0])), axis=0)
+  old_items = np.asarray(old_items)
+  n_hold = int(round(holdout * len(old_items)))
+  perm = np.asarray(jax.random.permutation(split_key, len(old_items)))
+  held = jnp.asarray(old_items[perm[:n_hold]])
+  fit_items = jnp.asarray(old_items[perm[n_hold:]])
+  t_old = targets[fit_items]
+  target_var = jnp.mean(jnp.sum((t_old - t_old.mean(0)) ** 2, -1))
   phi = mapper.init(init_key, r[:2], None if side is None else side[:2])
   tx = optax.adamw(lr, weight_decay=weight_decay)
   state = {"params": phi, "opt_state": tx.init(phi), "step": jnp.zeros((), jnp.int32),
-           "rng": jax.random.key_data(state_key)}
-  old_items = jnp.asarray(old_items)
+           "rng": jax.random.key_data(state_key),
+           "best": jax.tree.map(jnp.copy, phi),  # own buffers: the state is donated
+           "best_score": jnp.asarray(jnp.inf, jnp.float32)}
   users = jnp.asarray(old_rows["users"])
   items = jnp.asarray(old_rows["items"])
   labels = jnp.asarray(old_rows["labels"])
-  n_items_batch = min(256, int(old_items.shape[0]))
+  n_items_batch = min(256, int(fit_items.shape[0]))
   batch_rows = min(batch_rows, int(users.shape[0]))
 
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state):
     k = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     k_items, k_rows = jax.random.split(k)
-    it = jax.random.choice(k_items, old_items, (n_items_batch,), replace=False)
+    it = jax.random.choice(k_items, fit_items, (n_items_batch,), replace=False)
     ridx = jax.random.randint(k_rows, (batch_rows,), 0, users.shape[0])
     batch = {"items": it, "users": users[ridx], "row_items": items[ridx],
              "labels": labels[ridx]}
     (loss, aux), grads = jax.value_and_grad(align_loss, has_aux=True)(
-        state["params"], mapper, model, params, tables, r, side, targets, batch, lam)
+        state["params"], mapper, model, params, tables, r, side, targets,
+        target_var, batch, lam)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     return dict(state, params=optax.apply_updates(state["params"], updates),
                 opt_state=opt_state, step=state["step"] + 1), dict(aux, loss=loss)
 
-  every = max(1, steps // 5)
+  @jax.jit
+  def keep_best(state):
+    score = fraction_unexplained(state["params"], mapper, r, side, targets, held)
+    better = score < state["best_score"]
+    best = jax.tree.map(lambda a, b: jnp.where(better, a, b), state["params"],
+                        state["best"])
+    return dict(state, best=best, best_score=jnp.minimum(score, state["best_score"])), score
+
+  check = max(1, steps // 20)
+  save_every = max(1, steps // 5)
   with checkpoint.Checkpointer(ckpt_dir) as ckpt:
     state, done = ckpt.restore_or(state)
     start = int(done or 0)
@@ -160,8 +205,12 @@ def train_mapper(mapper: Mapper, model: backbones.Backbone, params: Any,
       log(f"align: resumed at step {done}")
     for i in range(start, steps):
       state, aux = step(state)
-      if (i + 1) % every == 0 or i + 1 == steps:
+      if n_hold and ((i + 1) % check == 0 or i + 1 == steps):
+        state, score = keep_best(state)
+      if (i + 1) % save_every == 0 or i + 1 == steps:
+        held_msg = (f" held-out FVU {float(score):.3f} (best "
+                    f"{float(state['best_score']):.3f})" if n_hold else "")
         log(f"align: step {i + 1}/{steps} loss {float(aux['loss']):.4f} "
-            f"mse {float(aux['mse']):.4f} bce {float(aux['bce']):.4f}")
+            f"fvu {float(aux['mse']):.4f} bce {float(aux['bce']):.4f}{held_msg}")
         ckpt.save(i + 1, state)
-  return state["params"]
+  return state["best"] if n_hold else state["params"]

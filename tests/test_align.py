@@ -22,6 +22,7 @@ def test_standardize_uses_only_fit_items():
   v = np.arange(12, dtype=np.float32).reshape(6, 2)
   out = align.standardize(v, np.array([0, 1, 2]))
   np.testing.assert_allclose(out[:3].mean(0), 0, atol=1e-6)
+  np.testing.assert_allclose(out[:3].std(0), 1 / np.sqrt(2), rtol=1e-4)
   # Changing a non-fit item changes only that item's row.
   v2 = v.copy()
   v2[5] = 100
