@@ -7,8 +7,13 @@ r"""Stage 1: writes the enrichment store of one dataset (DESIGN §2).
 ``--source`` is llm (generate with a local LM, default SmolLM2-135M-Instruct),
 agent4rec or galkars (import public LLM text for MovieLens movies) or raw (the
 raw features only). The llm source is resumable: kill it and run the same
-command again to continue. ``--export_texts=<file.jsonl.gz>`` also writes the
-texts in the compact form committed under emerflow_jax/enrich/precomputed/.
+command again to continue; ``--device=cuda`` runs the LLM on a GPU (greedy, so
+the texts match a CPU run up to kernel rounding). ``--export_texts=<file.jsonl.gz>``
+also writes the texts in the compact form committed under
+emerflow_jax/enrich/precomputed/ (plus its manifest beside it).
+
+Training code does not need this binary: ``loader.load_item_vectors`` encodes
+the committed texts (or the imported ones) on first use and caches them.
 """
 
 from absl import app, flags, logging

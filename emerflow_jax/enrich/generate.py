@@ -112,10 +112,13 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def model_fingerprint(folder: pathlib.Path, gguf_file: str | None) -> str:
-  """sha256 of the weights file (the GGUF, or the directory's safetensors/bin)."""
+  """sha256 of the weights: the GGUF or single weights file, else the sha256
+  of the sorted per-file sha256s of the directory's safetensors/bin shards."""
   if gguf_file:
     return file_sha256(folder / gguf_file)
   weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+  if len(weights) == 1:  # the file's own sha256, comparable to published ones
+    return file_sha256(weights[0])
   h = hashlib.sha256()
   for w in weights:
     h.update(file_sha256(w).encode())
