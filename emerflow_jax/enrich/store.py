@@ -57,7 +57,9 @@ def write_atomic(path: pathlib.Path, data: bytes) -> None:
   """Writes ``data`` to ``path`` via a fsync'd temporary file and a rename."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
+  # A per-process temporary name: two runs filling the same cache store at
+  # once must not write into each other's half-written file.
+  tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
   with open(tmp, "wb") as f:
     f.write(data)
     f.flush()
@@ -160,7 +162,7 @@ def write_vectors(store_dir: str | os.PathLike[str], keys: Sequence[str],
   keys_arr = np.asarray([str(k) for k in keys])
   validate_vectors(store_dir, keys_arr, vectors)
   for name, arr in ((VECTORS, vectors), (KEYS, keys_arr)):
-    tmp = store_dir / (name + ".tmp")
+    tmp = store_dir / f"{name}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
       np.save(f, arr, allow_pickle=False)
       f.flush()
