@@ -35,9 +35,8 @@ from emerflow_jax.models import backbones
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_N, TINY_K = 40, 5
 
-
-_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": None,
-              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+# Cache every compiled program, however small or quick to compile.
+_CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 _own_cache_dir = None
 
