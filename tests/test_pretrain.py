@@ -35,7 +35,8 @@ def _assert_bit_exact(a, b):
     assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
-def test_resumed_run_ends_where_an_uninterrupted_run_ends(tiny_ds, tiny_split, tmp_path):
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(tiny_ds, tiny_split,
+                                                         tmp_path):
   lines = []
   _pretrain(tiny_ds, tiny_split, tmp_path / "a", epochs=2)
   resumed = _pretrain(tiny_ds, tiny_split, tmp_path / "a", epochs=4, log=lines.append)
@@ -82,8 +83,9 @@ FLAGS = ("--config=experiments/configs/synthetic.py:smoke", "--config.method=bas
 
 def _start(argv, workdir: pathlib.Path, cwd) -> subprocess.Popen:
   workdir.mkdir(parents=True)
-  log = open(workdir.parent / f"{workdir.name}.log", "wb")  # closed by the OS at exit
-  return subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+  # The child holds its own copy of the file descriptor.
+  with open(workdir.parent / f"{workdir.name}.log", "wb") as log:
+    return subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _log(workdir: pathlib.Path) -> str:
