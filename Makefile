@@ -4,10 +4,15 @@
 #   make test    runs the test suite (data from $EMERFLOW_DATA_DIR, else ../shared/data)
 #   make run     runs the main experiment into runs/
 #   make clean   removes .venv and caches (never runs/ results)
+#
+# TORCH_INDEX adds a package index for the optional LLM side, e.g.
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# so that torch comes as the CPU build rather than PyPI's CUDA build.
 
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
+TORCH_INDEX ?=
 # Re-running setup is instant: the stamp is newer than every requirements file.
 STAMP := $(VENV)/.installed
 REQS := $(wildcard requirements.txt requirements-llm.txt requirements-llm-nodeps.txt)
@@ -21,7 +26,8 @@ setup: $(STAMP)
 $(STAMP): $(REQS)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -r requirements.txt
-	if [ -f requirements-llm.txt ]; then $(VPY) -m pip install -r requirements-llm.txt; fi
+	if [ -f requirements-llm.txt ]; then $(VPY) -m pip install \
+	  $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -r requirements-llm.txt; fi
 	if [ -f requirements-llm-nodeps.txt ]; then \
 	  $(VPY) -m pip install --no-deps -r requirements-llm-nodeps.txt; fi
 	touch $@
