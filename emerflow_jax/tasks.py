@@ -39,8 +39,9 @@ def pack_rows(ds: dataset_lib.Dataset, row_lists: Sequence[np.ndarray],
   for t, rows in enumerate(row_lists):
     rows = np.asarray(rows)
     if len(rows) > width:
-      rows = (np.sort(rng.choice(rows, width, replace=False)) if rng is not None
-              else rows[:width])
+      # Sort positions, not row indices: file order need not be time order.
+      rows = (rows[np.sort(rng.choice(len(rows), width, replace=False))]
+              if rng is not None else rows[:width])
     idx[t, :len(rows)] = rows
     mask[t, :len(rows)] = 1.0
   return {"users": ds.users[idx].astype(np.int32),
