@@ -11,6 +11,8 @@ loaded from disk by the harness as ``ctx.item_vectors``):
    (``meta.make_train_step`` over tasks from ``tasks.build_meta_tasks``).
 
 Warm-up phases then apply the learned rule to all emerging items at once.
+Both the meta-training step and the warm-up rule split their task/item axis
+over every device (``sharding.task_mesh``); one device is the trivial case.
 
 Ablations: ``emerflow_no_llm`` (r_i from the raw-feature text only),
 ``emerflow_no_align`` (meta-learning from one learned shared init, no mapper),
@@ -28,31 +30,43 @@ import ml_collections
 import numpy as np
 import optax
 
-from emerflow_jax import align, checkpoint, meta, methods, tasks
+from emerflow_jax import align, checkpoint, meta, methods, protocol, sharding, tasks
 
 
 def meta_config(cfg: ml_collections.ConfigDict) -> meta.MetaConfig:
   return meta.MetaConfig(inner_steps=int(cfg.meta.inner_steps), beta=float(cfg.meta.beta),
                          first_order=bool(cfg.meta.first_order),
-                         learn_alpha=bool(cfg.meta.learn_alpha))
+                         learn_alpha=bool(cfg.meta.learn_alpha),
+                         train_init=bool(cfg.meta.train_init),
+                         rule=str(cfg.meta.inner_rule))
 
 
 def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
-                      params: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
+                      params: dict[str, Any], frozen: dict[str, Any],
+                      mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Meta-trains ``params`` (phi and/or e0, alpha) on old-item tasks; resumable.
 
   Every epoch re-samples the rows of long chunks (``fold_in(seed, epoch)``), so
-  a resumed run sees exactly the tasks an uninterrupted one would.
+  a resumed run sees exactly the tasks an uninterrupted one would.  Each batch
+  is split over ``mesh`` (default: every device); padding it to a multiple of
+  the mesh size adds fully masked tasks only, so the result does not depend on
+  the device count.
   """
   cfg = ctx.config
   mcfg = meta_config(cfg)
+  mesh = sharding.task_mesh() if mesh is None else mesh
   tx = optax.adam(float(cfg.meta.lr))
-  step_fn = meta.make_train_step(ctx.model, mapper, mcfg, tx)
+  step_fn = meta.make_train_step(ctx.model, mapper, mcfg, tx, mesh)
   state = {"params": params, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32),
            "rng": jax.random.key_data(jax.random.fold_in(ctx.key, 7))}
+  state, frozen = sharding.replicate((state, frozen), mesh)
   seed = int(jax.random.randint(jax.random.fold_in(ctx.key, 11), (), 0, 2**30))
   epochs = int(cfg.meta.epochs)
+  task_split = ctx.split
+  if ctx.meta_items is not None:
+    task_split = protocol.chunk_items(ctx.ds, ctx.split, ctx.meta_items)
+    logging.info("meta: %d tasks' items held out of pretraining", len(ctx.meta_items))
   with checkpoint.Checkpointer(ctx.workdir / "meta") as ckpt:
     state, done = ckpt.restore_or(state)
     start = int(done or 0)
@@ -60,19 +74,45 @@ def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
       logging.info("meta: resumed at epoch %d", done)
     for epoch in range(start, epochs):
       rng = np.random.default_rng([seed, epoch])
-      all_tasks = tasks.build_meta_tasks(ctx.ds, ctx.split, int(cfg.meta.support_rows),
+      all_tasks = tasks.build_meta_tasks(ctx.ds, task_split, int(cfg.meta.support_rows),
                                          int(cfg.meta.query_rows), rng)
       logs = []
       for batch in tasks.batches(all_tasks, int(cfg.meta.batch_tasks), rng):
-        state, m = step_fn(state, frozen, batch)
+        state, m = step_fn(state, frozen, sharding.shard_tasks(batch, mesh))
         logs.append(m)
       m = {k: float(np.mean([float(x[k]) for x in logs])) for k in logs[0]}
-      alpha = np.asarray(state["params"]["alpha"])
+      alpha = np.asarray(meta.step_size(state["params"]))
       logging.info("meta: epoch %d/%d step %d loss %.4f query L(e0) %.4f -> L(eT) %.4f "
                    "alpha mean %.3f", epoch + 1, epochs, int(state["step"]), m["loss"],
                    m["query_e0"], m["query_eT"], float(alpha.mean()))
       ckpt.save(epoch + 1, state)
-  return state["params"]
+  return jax.tree.map(jnp.asarray, sharding.gather(state["params"]))
+
+
+def refine_items(meta_params: dict[str, Any], model, mcfg: meta.MetaConfig,
+                 frozen: dict[str, Any], emb: jnp.ndarray, batch: dict[str, Any],
+                 mesh: jax.sharding.Mesh | None = None) -> jnp.ndarray:
+  """``meta.adapt_items`` with the item axis split over ``mesh`` (default: all).
+
+  Args:
+    meta_params: holds the learned ``log_alpha``.
+    model: the frozen backbone module.
+    mcfg: the inner-loop settings.
+    frozen: backbone params and tables.
+    emb: [n, d] current embeddings.
+    batch: Packed phase rows, each [n, K].
+    mesh: from ``sharding.task_mesh``.
+
+  Returns:
+    [n, d] adapted embeddings on the default device.
+  """
+  mesh = sharding.task_mesh() if mesh is None else mesh
+  n = emb.shape[0]
+  rows = {k: batch[k] for k in ("users", "items", "labels", "mask")}
+  emb_s, rows_s = sharding.shard_tasks((emb, rows), mesh)
+  params_r, frozen_r = sharding.replicate((meta_params, frozen), mesh)
+  out = meta.adapt_items(params_r, model, mcfg, frozen_r, emb_s, rows_s)
+  return jnp.asarray(sharding.gather(out)[:n])
 
 
 class EmerFlow(methods.Method):
@@ -81,6 +121,10 @@ class EmerFlow(methods.Method):
   needs_vectors = True
   use_align = True
   use_meta = True
+
+  def configure(self, config: ml_collections.ConfigDict) -> None:
+    if self.use_meta:
+      self.meta_holdout = float(config.meta.holdout_fraction)
 
   def fit(self, ctx: methods.Context) -> dict[str, Any]:
     cfg = ctx.config
@@ -95,20 +139,57 @@ class EmerFlow(methods.Method):
     dim = ctx.dim
     alpha = meta.init_alpha(float(cfg.meta.alpha), cfg.meta.alpha_mode, dim)
     mapper = None
+    meta_frozen = frozen
     if self.use_align:
       mapper = align.Mapper(out_dim=dim, hidden=tuple(cfg.align.hidden))
-      phi = align.train_mapper(
-          mapper, ctx.model, ctx.params, ctx.tables, r, side, ctx.split.old_items,
-          tasks.pack_flat(ctx.ds, ctx.split.base_rows), jax.random.fold_in(ctx.key, 1),
-          steps=int(cfg.align.steps), lr=float(cfg.align.lr), lam=float(cfg.align.lam),
-          batch_rows=int(cfg.align.batch_rows),
-          weight_decay=float(cfg.align.weight_decay), ckpt_dir=ctx.workdir / "align")
-      params = {"phi": phi, "alpha": alpha}
+      phi = self._align(ctx, mapper, r, side, ctx.split.old_items, "align", 1)
+      params = {"phi": phi, "log_alpha": alpha}
+      folds = int(cfg.meta.crossfit_folds)
+      if self.use_meta and folds > 1 and ctx.meta_items is None:
+        meta_frozen = dict(frozen, e0_table=self._crossfit(ctx, mapper, r, side, folds))
     else:
-      params = {"e0": jnp.mean(ctx.old_item_embeddings(), 0), "alpha": alpha}
+      params = {"e0": jnp.mean(ctx.old_item_embeddings(), 0), "log_alpha": alpha}
     if self.use_meta:
-      params = run_meta_training(ctx, mapper, params, frozen)
+      params = run_meta_training(ctx, mapper, params, meta_frozen)
     return {"params": params, "mapper": mapper, "frozen": frozen}
+
+  def _align(self, ctx: methods.Context, mapper: align.Mapper, r: np.ndarray,
+             side: jnp.ndarray | None, items: np.ndarray, name: str,
+             salt: int) -> Any:
+    """Trains g_phi on ``items`` (and their rows), checkpointed under ``name``."""
+    cfg = ctx.config
+    rows = tasks.pack_flat(ctx.ds, ctx.split.base_rows)
+    keep = np.isin(rows["items"], items)
+    rows = {k: v[keep] for k, v in rows.items()}
+    return align.train_mapper(
+        mapper, ctx.model, ctx.params, ctx.tables, r, side, items, rows,
+        jax.random.fold_in(ctx.key, salt), steps=int(cfg.align.steps),
+        lr=float(cfg.align.lr), lam=float(cfg.align.lam),
+        batch_rows=int(cfg.align.batch_rows),
+        weight_decay=float(cfg.align.weight_decay), ckpt_dir=ctx.workdir / name,
+        holdout=float(cfg.align.holdout))
+
+  def _crossfit(self, ctx: methods.Context, mapper: align.Mapper, r: np.ndarray,
+                side: jnp.ndarray | None, folds: int) -> jnp.ndarray:
+    """Out-of-fold cold embeddings of old items: [n_items, d] (others zero).
+
+    An old item's own mapper output is fitted to its pretrained embedding, so
+    a meta-task starting there has nothing left to adapt and the learned rule
+    collapses to "do not move".  Starting each old item from a mapper that
+    never saw it makes meta-training tasks look like emerging items.
+    """
+    old = np.asarray(ctx.split.old_items)
+    rng = np.random.default_rng(int(jax.random.randint(
+        jax.random.fold_in(ctx.key, 13), (), 0, 2**30)))
+    fold_of = rng.permutation(len(old)) % folds
+    table = np.zeros((ctx.ds.n_items, ctx.dim), np.float32)
+    for f in range(folds):
+      phi_f = self._align(ctx, mapper, r, side, old[fold_of != f], f"align_fold{f}",
+                          100 + f)
+      held = old[fold_of == f]
+      side_h = None if side is None else side[held]
+      table[held] = np.asarray(mapper.apply(phi_f, jnp.asarray(r[held]), side_h))
+    return jnp.asarray(table)
 
   def cold(self, ctx: methods.Context, state: Any, items: np.ndarray) -> jnp.ndarray:
     return meta.cold_embedding(state["params"], state["mapper"], state["frozen"],
@@ -117,9 +198,8 @@ class EmerFlow(methods.Method):
   def refine(self, ctx, state, emb, batch, items):
     if not self.use_meta or ctx.config.warmup.rule == "finetune":
       return super().refine(ctx, state, emb, batch, items)
-    emb = meta.adapt_items(state["params"], ctx.model, meta_config(ctx.config),
-                           state["frozen"], emb,
-                           {k: jnp.asarray(v) for k, v in batch.items()})
+    emb = refine_items(state["params"], ctx.model, meta_config(ctx.config),
+                       state["frozen"], emb, batch)
     return emb, state
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from emerflow_jax import align, warmup
+from emerflow_jax import align, sharding, warmup
 from emerflow_jax.models import backbones
 
 
@@ -39,26 +39,53 @@ class MetaConfig:
     beta: weight of the support loss at e_0 in the outer loss.
     first_order: stop gradients through inner-loop gradients.
     learn_alpha: whether alpha receives outer gradients.
+    train_init: whether the outer loss also trains the cold-start map (phi or
+      e0); False learns the adaptation rule alone and keeps the aligned cold
+      embedding exactly as stage 2 left it.
+    rule: inner update, "sgd" (e - alpha * g) or "adam" (alpha * Adam direction).
   """
   inner_steps: int = 3
   beta: float = 0.1
   first_order: bool = False
   learn_alpha: bool = True
+  train_init: bool = True
+  rule: str = "sgd"
 
 
 def init_alpha(alpha: float, mode: str, dim: int) -> jnp.ndarray:
-  """Initial step size: [] for "scalar", [d] for "per_dim" (Meta-SGD)."""
+  """Initial ``log_alpha``: [] for "scalar", [d] for "per_dim" (Meta-SGD).
+
+  The step size is learned in log space: it stays positive, and Adam's
+  scale-free updates move it by a relative amount whatever its magnitude
+  (gradients w.r.t. item embeddings differ by orders of magnitude between
+  backbones and datasets).
+  """
+  if alpha <= 0:
+    raise ValueError(f"alpha must be positive, got {alpha}")
   if mode == "scalar":
-    return jnp.asarray(alpha, jnp.float32)
+    return jnp.asarray(jnp.log(alpha), jnp.float32)
   if mode == "per_dim":
-    return jnp.full((dim,), alpha, jnp.float32)
+    return jnp.full((dim,), jnp.log(alpha), jnp.float32)
   raise ValueError(f"alpha_mode must be scalar or per_dim, got {mode!r}")
+
+
+def step_size(meta_params: dict[str, Any]) -> jnp.ndarray:
+  """alpha = exp(log_alpha): [] or [d]."""
+  return jnp.exp(meta_params["log_alpha"])
 
 
 def adapt(loss_fn: Callable[[jnp.ndarray, Any], jnp.ndarray], e0: jnp.ndarray,
           support: Any, alpha: jnp.ndarray, steps: int,
-          first_order: bool = False) -> jnp.ndarray:
-  """T steps of ``e <- e - alpha * grad_e loss_fn(e, support)``.
+          first_order: bool = False, rule: str = "sgd") -> jnp.ndarray:
+  """T steps of the inner rule from e0.
+
+  ``rule="sgd"`` is ``e <- e - alpha * g`` (MAML / Meta-SGD).  ``rule="adam"``
+  is the same learned per-dimension step size applied to Adam's normalised
+  direction ``m_hat / sqrt(v_hat)``: an embedding's gradient scale differs by
+  orders of magnitude across items, and the per-coordinate normalisation is
+  what makes the shared fine-tuning robust; with alpha = its learning rate and
+  T = its steps the rule starts out *equal* to that fine-tuning, and the outer
+  loop learns from there.  Both rules are pure and differentiable.
 
   Args:
     loss_fn: (e [d], support) -> scalar.
@@ -67,17 +94,33 @@ def adapt(loss_fn: Callable[[jnp.ndarray, Any], jnp.ndarray], e0: jnp.ndarray,
     alpha: [] or [d] step size.
     steps: T (static).
     first_order: stop the gradient through grad_e.
+    rule: "sgd" or "adam".
 
   Returns:
     [d] adapted embedding e_T.
   """
   grad_fn = jax.grad(loss_fn)
-  e = e0
-  for _ in range(steps):  # T is small and static: unrolled, no Python loop over tasks
+  b1, b2, eps = 0.9, 0.999, 1e-8
+
+  def step(carry, t):
+    e, m, v = carry
     g = grad_fn(e, support)
     if first_order:
       g = jax.lax.stop_gradient(g)
-    e = e - alpha * g
+    if rule == "sgd":
+      return (e - alpha * g, m, v), None
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat = m / (1 - b1 ** (t + 1))
+    v_hat = v / (1 - b2 ** (t + 1))
+    # eps inside the sqrt keeps the derivative finite where v is 0.
+    return (e - alpha * m_hat / (jnp.sqrt(v_hat + eps ** 2) + eps), m, v), None
+
+  if rule not in ("sgd", "adam"):
+    raise ValueError(f"inner rule must be sgd or adam, got {rule!r}")
+  zeros = jnp.zeros_like(e0)
+  (e, _, _), _ = jax.lax.scan(step, (e0, zeros, zeros),
+                              jnp.arange(steps, dtype=jnp.float32))
   return e
 
 
@@ -86,8 +129,12 @@ def cold_embedding(meta_params: dict[str, Any], mapper: align.Mapper | None,
   """e_0 for item indices of any shape S -> S + [d].
 
   With a mapper, e_0 = g_phi(r_i [, side_i]); without one (the no-align
-  ablation) e_0 is a single learned vector ``meta_params["e0"]``.
+  ablation) e_0 is a single learned vector ``meta_params["e0"]``.  During
+  cross-fitted meta-training ``frozen["e0_table"]`` holds fixed out-of-fold
+  starts instead.
   """
+  if "e0_table" in frozen:  # out-of-fold starts of old items (cross-fitting)
+    return frozen["e0_table"][items]
   if mapper is None:
     return jnp.broadcast_to(meta_params["e0"], items.shape + meta_params["e0"].shape)
   side = frozen.get("side")
@@ -107,13 +154,18 @@ def task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
   Returns:
     (beta * L(support; e_0) + (1 - beta) * L(query; e_T), metrics).
   """
-  alpha = meta_params["alpha"]
+  alpha = step_size(meta_params)
   if not cfg.learn_alpha:
     alpha = jax.lax.stop_gradient(alpha)
+  if not cfg.train_init:
+    meta_params = dict(meta_params)
+    for k in ("phi", "e0"):
+      if k in meta_params:
+        meta_params[k] = jax.lax.stop_gradient(meta_params[k])
   loss_fn = functools.partial(warmup.item_loss, model, frozen["params"], frozen["tables"])
   e0 = cold_embedding(meta_params, mapper, frozen, task["item"])
   support, query = _rows(task, "support"), _rows(task, "query")
-  e_t = adapt(loss_fn, e0, support, alpha, cfg.inner_steps, cfg.first_order)
+  e_t = adapt(loss_fn, e0, support, alpha, cfg.inner_steps, cfg.first_order, cfg.rule)
   l_support = loss_fn(e0, support)
   l_query = loss_fn(e_t, query)
   outer = cfg.beta * l_support + (1 - cfg.beta) * l_query
@@ -135,11 +187,15 @@ def batch_loss(meta_params: dict[str, Any], model: backbones.Backbone,
 
 def make_train_step(model: backbones.Backbone, mapper: align.Mapper | None,
                     cfg: MetaConfig, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh | None = None,
                     ) -> Callable[..., tuple[dict[str, Any], dict[str, jnp.ndarray]]]:
   """Returns ``meta_train_step(state, frozen, batch) -> (state, metrics)``, jitted.
 
   ``state`` is ``{"params": meta params, "opt_state", "step", "rng"}`` and is
-  donated.  ``batch`` holds [B, ...] task arrays plus ``task_mask`` [B].
+  donated.  ``batch`` holds [B, ...] task arrays plus ``task_mask`` [B].  With
+  a ``mesh`` (``sharding.task_mesh``), the batch is split over its "tasks"
+  axis (B a multiple of the mesh size), state and frozen are replicated, and
+  the mean over tasks becomes a cross-device reduction.
   """
 
   def meta_train_step(state, frozen, batch):
@@ -150,7 +206,11 @@ def make_train_step(model: backbones.Backbone, mapper: align.Mapper | None,
                  opt_state=opt_state, step=state["step"] + 1)
     return state, dict(aux, loss=loss)
 
-  return jax.jit(meta_train_step, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(meta_train_step, donate_argnums=0)
+  rep, split = sharding.replicated_sharding(mesh), sharding.task_sharding(mesh)
+  return jax.jit(meta_train_step, donate_argnums=0, in_shardings=(rep, rep, split),
+                 out_shardings=(rep, rep))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg"))
@@ -160,7 +220,7 @@ def adapt_items(meta_params: dict[str, Any], model: backbones.Backbone,
   """Applies the learned rule to every item at once (a warm-up phase).
 
   Args:
-    meta_params: holds the learned ``alpha``.
+    meta_params: holds the learned ``log_alpha``.
     emb: [n, d] current embeddings.
     batch: Packed phase rows, each [n, K].
 
@@ -169,5 +229,6 @@ def adapt_items(meta_params: dict[str, Any], model: backbones.Backbone,
   """
   loss_fn = functools.partial(warmup.item_loss, model, frozen["params"], frozen["tables"])
   rows = {k: batch[k] for k in ("users", "items", "labels", "mask")}
-  return jax.vmap(lambda e, r: adapt(loss_fn, e, r, meta_params["alpha"],
-                                     cfg.inner_steps))(emb, rows)
+  alpha = step_size(meta_params)
+  return jax.vmap(lambda e, r: adapt(loss_fn, e, r, alpha, cfg.inner_steps,
+                                     rule=cfg.rule))(emb, rows)

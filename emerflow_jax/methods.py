@@ -45,6 +45,8 @@ class Context:
     workdir: a directory for this method's checkpoints (per seed).
     item_vectors: [n_items, D] enrichment vectors r_i, or None if the run
       does not load any (only methods that need them ask for them).
+    meta_items: old items kept out of pretraining for meta-training tasks
+      (only when the method asks for ``meta_holdout`` > 0), else None.
   """
   config: ml_collections.ConfigDict
   ds: dataset_lib.Dataset
@@ -55,6 +57,7 @@ class Context:
   key: jax.Array
   workdir: pathlib.Path
   item_vectors: np.ndarray | None = None
+  meta_items: np.ndarray | None = None
 
   @property
   def dim(self) -> int:
@@ -79,6 +82,7 @@ class Method:
   item_dropout = 0.0
   needs_vectors = False
   vector_source: str | None = None  # overrides config.enrich.source if set
+  meta_holdout = 0.0  # fraction of old items kept out of pretraining for meta-tasks
 
   def configure(self, config: ml_collections.ConfigDict) -> None:
     """Reads config before pretraining (e.g. DropoutNet's dropout rate)."""

@@ -150,3 +150,16 @@ def carve_validation(split: Split, ds: dataset_lib.Dataset, fraction: float,
       base_rows=np.concatenate([groups[i] for i in kept_old]),
       meta_chunks=[c for c, m in zip(split.meta_chunks, keep) if m])
   return new, holdout
+
+
+def chunk_items(ds: dataset_lib.Dataset, split: Split, items: np.ndarray,
+                n_chunks: int = 4) -> Split:
+  """A copy of ``split`` whose meta-tasks come from ``items`` instead.
+
+  Each item's time-ordered rows are cut into ``n_chunks`` chunks, as for old
+  items; used when meta-training runs on old items held out of pretraining.
+  """
+  groups = rows_by_item(ds.items, ds.times, ds.n_items)
+  return dataclasses.replace(
+      split, old_items=np.asarray(items),
+      meta_chunks=[np.array_split(groups[i], n_chunks) for i in items])

@@ -33,12 +33,15 @@ def _hash(obj: Any) -> str:
 
 
 def backbone_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                 seed: int, item_dropout: float) -> pathlib.Path:
+                 seed: int, item_dropout: float,
+                 meta_holdout: float = 0.0) -> pathlib.Path:
   """Checkpoint folder of a pretrained backbone, keyed by everything it depends on."""
   root = pathlib.Path(config.optim.cache_dir or workdir / "backbones").absolute()
   key = {"data": config.data.to_dict(), "model": config.model.to_dict(),
          "optim": {k: v for k, v in config.optim.to_dict().items() if k != "cache_dir"},
          "backbone": config.backbone, "seed": seed, "dropout": item_dropout}
+  if meta_holdout:
+    key["meta_holdout"] = meta_holdout
   key["data"].pop("dir", None)
   key["data"].pop("download", None)
   return root / f"{config.data.name}-{config.backbone}-s{seed}-{_hash(key)}"
@@ -76,6 +79,12 @@ def run_seed(config: ml_collections.ConfigDict, ds, split: protocol.Split,
   key = jax.random.key(seed)
   k_pre, k_method = jax.random.split(key)
   split_s, holdout = protocol.carve_validation(split, ds, config.data.val_fraction, seed)
+  meta_items = None
+  if method.meta_holdout > 0:
+    # Old items the backbone never trains on, kept for meta-training tasks only.
+    split_s, held = protocol.carve_validation(split_s, ds, method.meta_holdout,
+                                              seed + 7919)
+    meta_items = held.items
   model = backbones.make_backbone(config.backbone, ds, config.model.dim,
                                   config.model.mlp, config.model.cross_layers)
   tables = backbones.make_tables(ds)
@@ -84,12 +93,13 @@ def run_seed(config: ml_collections.ConfigDict, ds, split: protocol.Split,
   params = pretrain.pretrain_backbone(
       model, tables, base, k_pre, epochs=config.optim.epochs,
       batch_size=config.optim.batch_size, lr=config.optim.lr,
-      ckpt_dir=backbone_dir(config, workdir, seed, dropout),
+      ckpt_dir=backbone_dir(config, workdir, seed, dropout, method.meta_holdout),
       item_dropout=dropout, weight_decay=config.optim.weight_decay)
   t_pre = time.time()
   ctx = methods.Context(config=config, ds=ds, split=split_s, model=model,
                         params=params, tables=tables, key=k_method,
-                        workdir=seed_dir, item_vectors=item_vectors)
+                        workdir=seed_dir, item_vectors=item_vectors,
+                        meta_items=meta_items)
   state = method.fit(ctx)
   val = None
   if holdout is not None:

@@ -26,7 +26,7 @@ def world():
   frozen = {"params": params, "tables": tables, "r": jnp.asarray(r)}
   mapper = align.Mapper(out_dim=4, hidden=(8,))
   phi = mapper.init(jax.random.key(1), frozen["r"][:2])
-  meta_params = {"phi": phi, "alpha": meta.init_alpha(0.5, "per_dim", 4)}
+  meta_params = {"phi": phi, "log_alpha": meta.init_alpha(0.5, "per_dim", 4)}
   all_tasks = tasks.build_meta_tasks(ds, split, 4, 6, np.random.default_rng(0))
   batch = tasks.pad_tasks({k: v[:6] for k, v in all_tasks.items()}, 8)
   return dict(ds=ds, split=split, model=model, frozen=frozen, mapper=mapper,
@@ -146,5 +146,5 @@ def test_adapt_items_equals_per_item_adapt(world):
   loss_fn = functools.partial(warmup.item_loss, world["model"], fr["params"], fr["tables"])
   for i in range(n):
     rows = {k: v[i] for k, v in batch.items()}
-    e = meta.adapt(loss_fn, emb[i], rows, world["meta_params"]["alpha"], 3)
+    e = meta.adapt(loss_fn, emb[i], rows, meta.step_size(world["meta_params"]), 3)
     np.testing.assert_allclose(out[i], e, rtol=1e-5, atol=1e-6)

@@ -46,20 +46,25 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.align = ml_collections.ConfigDict()
   c.align.hidden = (64,)          # mapper g_phi hidden sizes
   c.align.use_fields = True       # also feed the frozen backbone's item-field embeddings
-  c.align.lam = 0.1               # weight of the BCE term on old-item rows
+  c.align.lam = 0.1               # weight of the BCE term (the MSE term is variance-normalised)
   c.align.steps = 1000            # alignment training steps
   c.align.lr = 1e-3               # Adam learning rate
   c.align.batch_rows = 1024       # old-item rows per BCE minibatch
   c.align.weight_decay = 1e-4     # AdamW decay of the mapper
+  c.align.holdout = 0.2           # old items held out of the MSE term for early stopping
 
   c.meta = ml_collections.ConfigDict()
-  c.meta.inner_steps = 3          # T inner gradient steps
-  c.meta.alpha = 0.1              # initial inner step size
+  c.meta.inner_rule = "adam"      # sgd (e - alpha*g) | adam (alpha * Adam direction)
+  c.meta.inner_steps = 10         # T inner gradient steps (= warmup.steps: starts as the fine-tuning)
+  c.meta.alpha = 1e-2             # initial inner step size (= warmup.lr for the adam rule)
   c.meta.alpha_mode = "per_dim"   # scalar|per_dim (Meta-SGD)
-  c.meta.learn_alpha = True       # learn alpha in the outer loop
+  c.meta.learn_alpha = True       # learn alpha (in log space) in the outer loop
+  c.meta.train_init = False       # outer loss also trains the cold map (phi / e0)
+  c.meta.crossfit_folds = 2       # meta-tasks start from out-of-fold mapper outputs (1 = off)
+  c.meta.holdout_fraction = 0.0   # old items kept out of pretraining, used only as meta-tasks
   c.meta.first_order = False      # first-order (stop-gradient through inner grads)
   c.meta.beta = 0.1               # outer loss = beta * L(support; e0) + (1-beta) * L(query; e_T)
-  c.meta.epochs = 20              # passes over all old-item tasks
+  c.meta.epochs = 40              # passes over all old-item tasks
   c.meta.batch_tasks = 64         # tasks per meta step
   c.meta.lr = 1e-3                # outer Adam learning rate
   c.meta.support_rows = k         # padded support width (K mimics a warm phase)

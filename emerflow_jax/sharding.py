@@ -1,0 +1,107 @@
+"""Data parallelism over item tasks: one mesh axis, "tasks" (DESIGN §4, Scaling).
+
+Meta-training tasks and warm-up items are independent given the (small,
+replicated) meta parameters and the frozen backbone, so the only axis worth
+sharding is the task/item axis.  Everything else is replicated::
+
+    mesh = sharding.task_mesh()                      # all devices, axis "tasks"
+    batch = sharding.shard_tasks(batch, mesh)        # [B, ...] split over devices
+    frozen = sharding.replicate(frozen, mesh)        # a full copy on every device
+
+The same code runs on one device (a trivial mesh), on N CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``), on a GPU, and on
+several hosts after ``jax.distributed.initialize()``: there ``jax.devices()``
+lists every host's devices, every process builds the same global batch from
+the same seed, and ``jax.make_array_from_callback`` keeps only the shards of
+its own devices (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+TASK_AXIS = "tasks"
+
+
+def task_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh with axis "tasks" over ``devices`` (default: every device).
+
+  After ``jax.distributed.initialize()`` the default spans all hosts.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (TASK_AXIS,))
+
+
+def task_sharding(mesh: Mesh) -> NamedSharding:
+  """Splits the leading (task/item) axis over the mesh; other axes whole."""
+  return NamedSharding(mesh, PartitionSpec(TASK_AXIS))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  """A full copy on every device of the mesh."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def padded_size(n: int, mesh: Mesh) -> int:
+  """The smallest multiple of the mesh size that holds ``n`` tasks."""
+  size = mesh.size
+  return -(-n // size) * size
+
+
+def pad_leading(tree: Any, multiple: int) -> Any:
+  """Pads the leading axis of every array in ``tree`` with zeros to a multiple.
+
+  Zero rows are inert by construction: a padded task has ``task_mask`` 0 and
+  row ``mask`` 0, so it adds nothing to a loss or a gradient, and a padded
+  warm-up item has mask 0, so its (zero) embedding never moves.
+  """
+  def pad(x):
+    x = np.asarray(x)
+    n = x.shape[0]
+    extra = -(-n // multiple) * multiple - n
+    if not extra:
+      return x
+    return np.concatenate([x, np.zeros((extra,) + x.shape[1:], x.dtype)])
+  return jax.tree.map(pad, tree)
+
+
+def _global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  # Every process holds the same global array; each keeps its own shards.
+  # Unlike device_put, this is also correct when the mesh spans several hosts.
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def shard_tasks(tree: Any, mesh: Mesh) -> Any:
+  """Pads the leading axis to a multiple of the mesh size and splits it.
+
+  Args:
+    tree: arrays with a common leading task/item axis [B, ...] (NumPy or JAX).
+    mesh: from ``task_mesh``.
+
+  Returns:
+    The same tree of global ``jax.Array`` of shape [B', ...], B' =
+    ``padded_size(B, mesh)``, sharded along the leading axis.
+  """
+  sharding = task_sharding(mesh)
+  tree = pad_leading(tree, mesh.size)
+  return jax.tree.map(lambda x: _global_array(x, sharding), tree)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """A full copy of every array of ``tree`` on every device of the mesh."""
+  sharding = replicated_sharding(mesh)
+  return jax.tree.map(lambda x: _global_array(np.asarray(x), sharding), tree)
+
+
+def gather(tree: Any) -> Any:
+  """Global arrays -> NumPy arrays with the full value, on every process."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(get, tree)
