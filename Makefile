@@ -2,7 +2,7 @@
 #
 #   make setup   creates .venv and installs requirements*.txt (instant when done)
 #   make test    runs the test suite (data from $EMERFLOW_DATA_DIR, else ../shared/data)
-#   make run     runs the main experiment into runs/
+#   make run     runs every method on MovieLens-100K into runs/movielens100k/
 #   make clean   removes .venv and caches (never runs/ results)
 #
 # TORCH_INDEX adds a package index for the optional LLM side, e.g.
@@ -35,10 +35,13 @@ $(STAMP): $(REQS)
 test: setup
 	EMERFLOW_DATA_DIR=$${EMERFLOW_DATA_DIR:-../shared/data} $(VPY) -m pytest -q tests
 
+SEEDS ?= 3
 run: setup
-	$(VPY) -m experiments.run --config=experiments/configs/movielens100k.py \
-	  --config.method=base --config.backbone=deepfm --config.seeds=3 \
-	  --workdir=runs/movielens100k
+	EMERFLOW_DATA_DIR=$${EMERFLOW_DATA_DIR:-../shared/data} $(VPY) -m experiments.compare \
+	  --config=experiments/configs/movielens100k.py --workdir=runs/movielens100k \
+	  --methods=base,dropoutnet,metaemb,mwuf,cvar,emerflow --backbones=deepfm \
+	  --seeds=$(SEEDS)
+	@echo "Table: runs/movielens100k/comparison.md  Plot: runs/movielens100k/comparison.png"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
