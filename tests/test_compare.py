@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def test_grid_runs_skips_finished_and_records_failures(tmp_path, repo_root):
 
   # The binary reads the finished run back and writes the three files and RESULTS.md.
   results_md = tmp_path / "RESULTS.md"
-  cmd = ["python", "-m", "experiments.compare",
+  cmd = [sys.executable, "-m", "experiments.compare",
          "--config=experiments/configs/synthetic.py:smoke",
          "--config.data.options.n_users=100", "--config.data.options.n_items=150",
          "--config.data.options.mean_count=40", "--config.data.n_max=40",
