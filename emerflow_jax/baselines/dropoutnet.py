@@ -42,7 +42,7 @@ def row_weighted_mean(ctx: methods.Context) -> jnp.ndarray:
 class DropoutNet(methods.Method):
   """Item-embedding dropout in pretraining; the mean embedding when cold."""
   name = "dropoutnet"
-  item_dropout = 0.1  # the config default; configure() sets the real rate
+  item_dropout = 0.02  # = the config default; configure() sets the real rate
 
   def configure(self, config: ml_collections.ConfigDict) -> None:
     """Takes the dropout rate from ``config.dropoutnet.rate`` (before pretraining)."""
