@@ -92,8 +92,8 @@ def finished_run(path: pathlib.Path, config: ml_collections.ConfigDict
 
 def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
              methods: Sequence[str], backbones: Sequence[str], seeds: int,
-             run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None
-             ) -> dict:
+             run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+             commit: str = "unknown") -> dict:
   """Runs (or reads back) every method x backbone with ``seeds`` seeds.
 
   Args:
@@ -103,6 +103,8 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     backbones: e.g. ("deepfm", "widedeep").
     seeds: seeds per run.
     run_fn: ``train.train_and_evaluate`` unless given (tests).
+    commit: the code version running now; stored next to each run it
+      produces (``stamp.json``), so a run read back later keeps its own.
 
   Returns:
     {"runs": [results.json dicts], "failed": [{"method", "backbone", "error"}],
@@ -122,11 +124,13 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       if done is not None:
         logging.info("compare: %s_%s finished, reading it back", method, backbone)
         out["skipped"].append(path.name)
-        out["runs"].append(done)
+        out["runs"].append(dict(done, commit=_stamp(path)))
         continue
       logging.info("compare: running %s with %s (%d seeds)", method, backbone, seeds)
       try:
-        out["runs"].append(run_fn(c, str(path)))
+        res = run_fn(c, str(path))
+        results.write_json_atomic(path / "stamp.json", {"commit": commit})
+        out["runs"].append(dict(res, commit=commit))
       except Exception as e:  # pylint: disable=broad-except
         # One broken or missing method must not lose the rest of the grid.
         logging.error("compare: %s_%s failed: %s", method, backbone,
@@ -135,6 +139,11 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                               "error": f"{type(e).__name__}: {e}"})
   out["seconds"] = time.time() - t0
   return out
+
+
+def _stamp(path: pathlib.Path) -> str:
+  stamp = path / "stamp.json"
+  return json.loads(stamp.read_text())["commit"] if stamp.exists() else "unknown"
 
 
 def _stats(values: Sequence[float]) -> dict:
@@ -148,7 +157,7 @@ def aggregate(grid: dict) -> dict:
   rows = []
   for r in runs:
     row = {"method": r["method"], "backbone": r["backbone"], "seeds": r["seeds"],
-           "seconds": r["seconds"]}
+           "seconds": r["seconds"], "commit": r.get("commit", "unknown")}
     for metric in ("auc", "f1", "val_auc"):
       if metric in r:
         row[metric] = {p: _stats(r[metric][p]) for p in PHASES}
@@ -174,6 +183,22 @@ def beats_reference(rows: list[dict], reference: str = REFERENCE) -> list[dict]:
             out.append({"backbone": r["backbone"], "metric": metric, "phase": p,
                         "method": r["method"], "mean": a, "reference": b})
   return out
+
+
+def beats_table(beats: list[dict], rows: list[dict]) -> str:
+  """Per backbone and metric, the methods whose mean beats the reference, by phase."""
+  if not beats:
+    return (f"Nowhere: {REFERENCE} has the best mean in every phase, metric and "
+            "backbone.")
+  lines = ["| backbone | metric | " + " | ".join(PHASES) + " |",
+           "|---|---|" + "---|" * len(PHASES)]
+  for backbone in dict.fromkeys(r["backbone"] for r in rows):
+    for metric in ("auc", "f1"):
+      cells = [", ".join(b["method"] for b in beats if b["backbone"] == backbone
+                         and b["metric"] == metric and b["phase"] == p) or "-"
+               for p in PHASES]
+      lines.append(f"| {backbone} | {metric.upper()} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def _cell(s: dict, bold: bool) -> str:
@@ -213,18 +238,15 @@ def markdown(summary: dict, level: int = 1) -> str:
          f"{h}# Validation AUC (held-out old items; hyperparameters were chosen on this)",
          "", table(rows, "val_auc"), ""]
   if any(r["method"] == REFERENCE for r in rows):
-    beats = summary["beats_reference"]
-    md += [f"{h}# Where a baseline beats {REFERENCE}", ""]
-    md += ([f"- {b['backbone']}, {b['metric'].upper()} at {b['phase']}: "
-            f"{b['method']} {b['mean']:.4f} > {b['reference']:.4f}" for b in beats]
-           or ["Nowhere: emerflow has the best mean in every phase, metric and backbone."])
-    md.append("")
+    md += [f"{h}# Where a baseline beats {REFERENCE}", "",
+           beats_table(summary["beats_reference"], rows), ""]
   md += [f"{h}# Wall time (seconds, all seeds)", "",
-         "| backbone | method | pretrain | method | total |", "|---|---|---:|---:|---:|"]
+         "| backbone | method | pretrain | method | total | code |",
+         "|---|---|---:|---:|---:|---|"]
   for r in rows:
     s = r["seconds"]
     md.append(f"| {r['backbone']} | {r['method']} | {s['pretrain']:.0f} | "
-              f"{s['method']:.0f} | {s['total']:.0f} |")
+              f"{s['method']:.0f} | {s['total']:.0f} | {r['commit']} |")
   md += ["", f"Grid wall time this invocation: {summary['grid_seconds']:.0f} s "
          f"({len(summary['skipped'])} finished run(s) read back). Pretraining is "
          "shared through the backbone cache, so a run that found its backbone "

@@ -53,12 +53,16 @@ def _command() -> str:
 
 
 def _commit() -> str:
-  """Short HEAD hash, marked when the library or experiments have local edits."""
+  """Short HEAD hash, plus the library/experiment files that differ from it."""
   def git(*a):
     return subprocess.run(["git", *a], capture_output=True, text=True, check=False)
   head = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
-  dirty = git("diff", "--quiet", "HEAD", "--", "emerflow_jax", "experiments").returncode
-  return f"{head} + uncommitted changes" if dirty else head
+  changed = git("diff", "--name-only", "HEAD", "--", "emerflow_jax",
+                "experiments").stdout.split()
+  if not changed:
+    return head
+  more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+  return f"{head} + uncommitted {', '.join(changed[:3])}{more}"
 
 
 def main(argv):
@@ -66,14 +70,16 @@ def main(argv):
   logs.quiet_third_party()
   config = _CONFIG.value
   seeds = _SEEDS.value or config.seeds
+  # Stamped before running: the code that produced the numbers, not a later HEAD.
+  command, commit = _command(), _commit()
   grid = compare.run_grid(config, _WORKDIR.value, _METHODS.value, _BACKBONES.value,
-                          seeds)
+                          seeds, commit=commit)
   if not grid["runs"]:
     raise app.UsageError(f"no run finished: {grid['failed']}")
   summary = compare.write_comparison(_WORKDIR.value, grid)
   logging.info("wrote %s", os.path.join(_WORKDIR.value, "comparison.md"))
   if _RESULTS_MD.value:
-    section = compare.results_section(summary, _command(), _commit())
+    section = compare.results_section(summary, command, commit)
     compare.update_results_md(_RESULTS_MD.value, summary["dataset"], section)
     logging.info("updated the %s section of %s", summary["dataset"], _RESULTS_MD.value)
   if grid["failed"]:
