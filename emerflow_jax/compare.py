@@ -53,10 +53,18 @@ def grid_config(config: ml_collections.ConfigDict, method: str, backbone: str,
   return c
 
 
+# Config sections read by one baseline only: a change there cannot change
+# another method's run, so it does not invalidate that run.
+_OWN_SECTIONS = ("dropoutnet", "metaemb", "mwuf", "cvar")
+
+
 def _comparable(config_dict: dict) -> dict:
   d = json.loads(json.dumps(config_dict, default=str))
   for section, key in _PATH_FIELDS:
     d.get(section, {}).pop(key, None)
+  for section in _OWN_SECTIONS:
+    if d.get("method") != section:
+      d.pop(section, None)
   return d
 
 
