@@ -1046,7 +1046,7 @@ def _rate(result: dict, impl: str, tasks: int, t: int) -> float | None:
 _KIND_WORDS = {
     "gather": "gathers (embedding-row and feature-table lookups)",
     "scatter": "scatter-adds (gradients of those lookups)",
-    "dot": "small matrix products (MLP, mapper, and their backward passes)",
+    "dot": "small matrix products (MLP layers, forward and backward)",
     "reduce": "reductions (FM sums, sequence pooling, losses)",
     "elementwise": "element-wise fusions"}
 
@@ -1078,7 +1078,7 @@ def _limits_text(p: dict, result: dict) -> list[str]:
               "| kind | ms per step | share of op time |", "|---|---|---|"]
     lines += [f"| {k} | {ms:.1f} | {ms / (total + unmatched):.0%} |" for k, ms in kinds]
     if unmatched > 0.01 * total:
-      lines.append(f"| (kernels not matched to an HLO op) | {unmatched:.1f} | "
+      lines.append(f"| (ops not matched to an HLO instruction) | {unmatched:.1f} | "
                    f"{unmatched / (total + unmatched):.0%} |")
     lines += ["", "Heaviest ops: " + "; ".join(
         f"`{n}` ({k}, {ms:.2f} ms)" for n, k, ms in tr["top_ops"][:5]) + "."]
@@ -1099,11 +1099,11 @@ def _limits_text(p: dict, result: dict) -> list[str]:
 
 
 def _batch_size_text(result: dict) -> list[str]:
-  """How per-task throughput of jax_vmap_jit changes with the batch size."""
+  """How per-task throughput of jax_vmap_jit falls with the batch size (CPU)."""
   sh = result["options"]["shapes"]
-  out = []
   if result["info"]["platform"] != "cpu":
-    return out
+    return []
+  drops, largest = [], 0
   for t in sorted({c["inner_steps"] for c in result["cases"]}):
     pts = sorted((c["tasks"], c["tasks_per_s"]) for c in result["cases"]
                  if c["impl"] == "jax_vmap_jit" and c["inner_steps"] == t)
@@ -1112,16 +1112,17 @@ def _batch_size_text(result: dict) -> list[str]:
     best_n, best = max(pts, key=lambda x: x[1])
     last_n, last = pts[-1]
     if last_n != best_n and last < 0.8 * best:
-      # One [rows, fields, d] float32 activation of the whole batch.
-      mb = (last_n * (sh["support_rows"] + sh["query_rows"]) * result["n_fields"] * 16
-            * 4 / 2**20)
-      out.append(f"At T = {t}, throughput peaks at {best:,.0f} tasks/s with {best_n} tasks "
-                 f"and falls to {last:,.0f} tasks/s with {last_n}: one [rows, fields, d] "
-                 f"activation of the larger batch is about {mb:.0f} MB, beyond the CPU "
-                 "caches, so the step becomes bound by memory bandwidth. Running a big "
-                 "batch as a `lax.map`/`scan` over chunks of the best size (gradients "
-                 "summed) would keep the best per-task rate.")
-  return ["", *out] if out else []
+      drops.append(f"T = {t}: {best:,.0f} tasks/s at {best_n} tasks, {last:,.0f} at {last_n}")
+      largest = max(largest, last_n)
+  if not drops:
+    return []
+  # One [rows, fields, d] float32 activation of the whole batch.
+  mb = largest * (sh["support_rows"] + sh["query_rows"]) * result["n_fields"] * 16 * 4 / 2**20
+  return ["", "Per-task throughput falls at large batches (" + "; ".join(drops) + "). One "
+          f"[rows, fields, d] activation of a {largest}-task batch is about {mb:.0f} MB, "
+          "far beyond the CPU caches, so big batches are bound by memory bandwidth (our "
+          "reading, not measured directly). Running a big batch as a `lax.map` over chunks "
+          "of the best size, gradients summed, should keep the best per-task rate on CPUs."]
 
 
 def markdown(result: dict) -> str:
