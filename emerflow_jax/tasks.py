@@ -49,22 +49,24 @@ def pack_rows(ds: dataset_lib.Dataset, row_lists: Sequence[np.ndarray],
           "labels": ds.labels[idx] * mask, "mask": mask}
 
 
-def pack_phase(ds: dataset_lib.Dataset, rows: np.ndarray) -> Packed:
-  """Packs a [n_items, K] block of warm-phase rows (all real, mask 1)."""
-  rows = np.asarray(rows)
-  return {"users": ds.users[rows].astype(np.int32),
-          "items": ds.items[rows].astype(np.int32),
-          "labels": ds.labels[rows].astype(np.float32),
-          "mask": np.ones(rows.shape, np.float32)}
-
-
 def pack_flat(ds: dataset_lib.Dataset, rows: np.ndarray) -> Packed:
-  """Row arrays for a flat set of rows (test or pretraining rows): [n]."""
+  """Row arrays for real rows of any shape S (all mask 1).
+
+  Args:
+    rows: S row indices: [n] flat test/pretraining rows, or [n_items, K] warm rows.
+
+  Returns:
+    {"users", "items": int32 S, "labels", "mask": float32 S}.
+  """
   rows = np.asarray(rows)
   return {"users": ds.users[rows].astype(np.int32),
           "items": ds.items[rows].astype(np.int32),
           "labels": ds.labels[rows].astype(np.float32),
           "mask": np.ones(rows.shape, np.float32)}
+
+
+# A [n_items, K] block of warm-phase rows packs exactly like flat rows.
+pack_phase = pack_flat
 
 
 def build_meta_tasks(ds: dataset_lib.Dataset, split: protocol.Split,
