@@ -7,10 +7,15 @@ loaded from disk by the harness as ``ctx.item_vectors``):
 2. align: train g_phi so that g_phi(r_i) matches the pretrained ID embedding
    and scores old-item rows well (``align.train_mapper``);
 3. meta-learn: train (phi, alpha) so that a few steps of the learned rule on an
-   item's first rows give good predictions on its next rows
-   (``meta.make_train_step`` over tasks from ``tasks.build_meta_tasks``).
+   item's first rows give good predictions on its later rows
+   (``meta.make_train_step``).  ``meta.tasks="flow"`` (default) replays the
+   protocol on each old item: its first K, next K, next K rows are three warm
+   phases, each scored on the rows after them, with one learned step size per
+   phase (``tasks.build_flow_tasks``); ``"chunks"`` pairs chunk j with chunk
+   j+1 of the item's history (``tasks.build_meta_tasks``).
 
-Warm-up phases then apply the learned rule to all emerging items at once.
+Warm-up phases then apply the learned rule to all emerging items at once,
+warm phase p with the step size learned for phase p.
 Both the meta-training step and the warm-up rule split their task/item axis
 over every device (``sharding.task_mesh``); one device is the trivial case.
 
@@ -21,6 +26,7 @@ Ablations: ``emerflow_no_llm`` (r_i from the raw-feature text only),
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -38,7 +44,38 @@ def meta_config(cfg: ml_collections.ConfigDict) -> meta.MetaConfig:
                          first_order=bool(cfg.meta.first_order),
                          learn_alpha=bool(cfg.meta.learn_alpha),
                          train_init=bool(cfg.meta.train_init),
-                         rule=str(cfg.meta.inner_rule))
+                         rule=str(cfg.meta.inner_rule),
+                         phase_alpha=bool(cfg.meta.phase_alpha),
+                         outer_loss=str(cfg.meta.outer_loss))
+
+
+def build_tasks(ctx: methods.Context, split: protocol.Split,
+                rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """One epoch of meta-training tasks (``config.meta.tasks``: flow|chunks)."""
+  cfg = ctx.config.meta
+  if cfg.tasks == "flow":
+    return tasks.build_flow_tasks(ctx.ds, split, int(ctx.config.data.k),
+                                  int(cfg.query_rows), rng, offset=str(cfg.task_offset))
+  if cfg.tasks == "chunks":
+    if cfg.phase_alpha:
+      raise ValueError("meta.phase_alpha needs meta.tasks='flow'")
+    return tasks.build_meta_tasks(ctx.ds, split, int(cfg.support_rows),
+                                  int(cfg.query_rows), rng)
+  raise ValueError(f"meta.tasks must be flow or chunks, got {cfg.tasks!r}")
+
+
+def outer_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam on the meta params; ``meta.alpha_lr`` (if > 0) for the step sizes.
+
+  The step sizes live in log space and want relative moves of order one
+  within a few hundred steps, far more than the mapper weights should move.
+  """
+  lr, alpha_lr = float(cfg.meta.lr), float(cfg.meta.alpha_lr)
+  if alpha_lr <= 0:
+    return optax.adam(lr)
+  label = lambda params: {k: ("alpha" if k == "log_alpha" else "rest") for k in params}
+  return optax.multi_transform({"alpha": optax.adam(alpha_lr), "rest": optax.adam(lr)},
+                               label)
 
 
 def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
@@ -55,7 +92,7 @@ def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
   cfg = ctx.config
   mcfg = meta_config(cfg)
   mesh = sharding.task_mesh() if mesh is None else mesh
-  tx = optax.adam(float(cfg.meta.lr))
+  tx = outer_optimizer(cfg)
   step_fn = meta.make_train_step(ctx.model, mapper, mcfg, tx, mesh)
   state = {"params": params, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32),
@@ -74,24 +111,28 @@ def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
       logging.info("meta: resumed at epoch %d", done)
     for epoch in range(start, epochs):
       rng = np.random.default_rng([seed, epoch])
-      all_tasks = tasks.build_meta_tasks(ctx.ds, task_split, int(cfg.meta.support_rows),
-                                         int(cfg.meta.query_rows), rng)
+      all_tasks = build_tasks(ctx, task_split, rng)
       logs = []
       for batch in tasks.batches(all_tasks, int(cfg.meta.batch_tasks), rng):
         state, m = step_fn(state, frozen, sharding.shard_tasks(batch, mesh))
         logs.append(m)
       m = {k: float(np.mean([float(x[k]) for x in logs])) for k in logs[0]}
       alpha = np.asarray(meta.step_size(state["params"]))
+      if "query_rank" in m:
+        logging.info("meta: epoch %d pooled pairwise query loss %.4f", epoch + 1,
+                     m["query_rank"])
+      per_phase = (" ".join(f"{a:.4f}" for a in alpha.reshape(len(alpha), -1).mean(1))
+                   if mcfg.phase_alpha else f"{alpha.mean():.4f}")
       logging.info("meta: epoch %d/%d step %d loss %.4f query L(e0) %.4f -> L(eT) %.4f "
-                   "alpha mean %.3f", epoch + 1, epochs, int(state["step"]), m["loss"],
-                   m["query_e0"], m["query_eT"], float(alpha.mean()))
+                   "alpha %s", epoch + 1, epochs, int(state["step"]), m["loss"],
+                   m["query_e0"], m["query_eT"], per_phase)
       ckpt.save(epoch + 1, state)
   return jax.tree.map(jnp.asarray, sharding.gather(state["params"]))
 
 
 def refine_items(meta_params: dict[str, Any], model, mcfg: meta.MetaConfig,
                  frozen: dict[str, Any], emb: jnp.ndarray, batch: dict[str, Any],
-                 mesh: jax.sharding.Mesh | None = None) -> jnp.ndarray:
+                 mesh: jax.sharding.Mesh | None = None, phase: int = 0) -> jnp.ndarray:
   """``meta.adapt_items`` with the item axis split over ``mesh`` (default: all).
 
   Args:
@@ -102,6 +143,7 @@ def refine_items(meta_params: dict[str, Any], model, mcfg: meta.MetaConfig,
     emb: [n, d] current embeddings.
     batch: Packed phase rows, each [n, K].
     mesh: from ``sharding.task_mesh``.
+    phase: warm phase index (picks alpha_p with per-phase step sizes).
 
   Returns:
     [n, d] adapted embeddings on the default device.
@@ -111,7 +153,8 @@ def refine_items(meta_params: dict[str, Any], model, mcfg: meta.MetaConfig,
   rows = {k: batch[k] for k in ("users", "items", "labels", "mask")}
   emb_s, rows_s = sharding.shard_tasks((emb, rows), mesh)
   params_r, frozen_r = sharding.replicate((meta_params, frozen), mesh)
-  out = meta.adapt_items(params_r, model, mcfg, frozen_r, emb_s, rows_s)
+  out = meta.adapt_items(params_r, model, mcfg, frozen_r, emb_s, rows_s,
+                         jnp.asarray(phase, jnp.int32))
   return jnp.asarray(sharding.gather(out)[:n])
 
 
@@ -125,6 +168,11 @@ class EmerFlow(methods.Method):
   def configure(self, config: ml_collections.ConfigDict) -> None:
     if self.use_meta:
       self.meta_holdout = float(config.meta.holdout_fraction)
+      self.rule_holdout = float(config.meta.rule_holdout)
+      self.rule_pick = str(config.meta.rule_pick)
+      if self.rule_holdout > 0 and config.meta.train_init:
+        raise ValueError("meta.rule_holdout > 0 learns the rule on an auxiliary backbone "
+                         "and transfers only the step sizes; it needs meta.train_init=False")
 
   def fit(self, ctx: methods.Context) -> dict[str, Any]:
     cfg = ctx.config
@@ -137,7 +185,8 @@ class EmerFlow(methods.Method):
     if side is not None:
       frozen["side"] = side
     dim = ctx.dim
-    alpha = meta.init_alpha(float(cfg.meta.alpha), cfg.meta.alpha_mode, dim)
+    alpha = meta.init_alpha(float(cfg.meta.alpha), cfg.meta.alpha_mode, dim,
+                            len(protocol.WARM_PHASES) if cfg.meta.phase_alpha else 0)
     mapper = None
     meta_frozen = frozen
     if self.use_align:
@@ -145,13 +194,43 @@ class EmerFlow(methods.Method):
       phi = self._align(ctx, mapper, r, side, ctx.split.old_items, "align", 1)
       params = {"phi": phi, "log_alpha": alpha}
       folds = int(cfg.meta.crossfit_folds)
-      if self.use_meta and folds > 1 and ctx.meta_items is None:
+      if (self.use_meta and folds > 1 and ctx.meta_items is None
+          and ctx.rule_backbone is None):
         meta_frozen = dict(frozen, e0_table=self._crossfit(ctx, mapper, r, side, folds))
     else:
       params = {"e0": jnp.mean(ctx.old_item_embeddings(), 0), "log_alpha": alpha}
-    if self.use_meta:
+    if self.use_meta and ctx.rule_backbone is not None:
+      params = dict(params, log_alpha=self._rule_on_aux(ctx, mapper, r, alpha))
+    elif self.use_meta:
       params = run_meta_training(ctx, mapper, params, meta_frozen)
-    return {"params": params, "mapper": mapper, "frozen": frozen}
+    return {"params": params, "mapper": mapper, "frozen": frozen, "phase": 0}
+
+  def _rule_on_aux(self, ctx: methods.Context, mapper: align.Mapper | None,
+                   r: np.ndarray, alpha: jnp.ndarray) -> jnp.ndarray:
+    """Meta-learns the step sizes on the auxiliary backbone's held-out items.
+
+    Everything stage 2 does is redone against the auxiliary backbone (its
+    side embeddings, a mapper aligned to its item space on its own old items),
+    so the held-out items start exactly as emerging items start on the main
+    backbone: from the cold embedding of a mapper that never saw them.  Only
+    the learned ``log_alpha`` carries over.
+    """
+    aux = ctx.rule_backbone
+    actx = dataclasses.replace(ctx, params=aux.params, split=aux.split,
+                               meta_items=aux.items, workdir=ctx.workdir / "rule")
+    frozen = {"params": aux.params, "tables": ctx.tables, "r": jnp.asarray(r)}
+    side = None
+    if ctx.config.align.use_fields:
+      side = align.item_side_embeddings(aux.params, ctx.tables, jnp.arange(ctx.ds.n_items))
+      frozen["side"] = side
+    if mapper is not None:
+      params = {"phi": self._align(actx, mapper, r, side, aux.split.old_items, "align", 2),
+                "log_alpha": alpha}
+    else:
+      params = {"e0": jnp.mean(actx.old_item_embeddings(), 0), "log_alpha": alpha}
+    logging.info("meta: learning the rule on %d items held out of an auxiliary backbone",
+                 len(aux.items))
+    return run_meta_training(actx, mapper, params, frozen)["log_alpha"]
 
   def _align(self, ctx: methods.Context, mapper: align.Mapper, r: np.ndarray,
              side: jnp.ndarray | None, items: np.ndarray, name: str,
@@ -199,8 +278,8 @@ class EmerFlow(methods.Method):
     if not self.use_meta or ctx.config.warmup.rule == "finetune":
       return super().refine(ctx, state, emb, batch, items)
     emb = refine_items(state["params"], ctx.model, meta_config(ctx.config),
-                       state["frozen"], emb, batch)
-    return emb, state
+                       state["frozen"], emb, batch, phase=state["phase"])
+    return emb, dict(state, phase=state["phase"] + 1)
 
 
 class EmerFlowNoLLM(EmerFlow):

@@ -8,7 +8,19 @@ Inner loop, for one item task, a pure function::
 with alpha a scalar or per-dimension vector (Meta-SGD), optionally learned.
 Outer loss ``beta * L(support; e_0) + (1 - beta) * L(query; e_T)`` (beta = 0.1
 as in MetaEmb and EmerG), minimised over phi and alpha, vmapped over a batch of
-padded tasks with masks, one jit per step.  ``first_order`` stops the gradient
+padded tasks with masks, one jit per step.
+
+Two task layouts (``tasks.py``): a *chunk* task is one (support = chunk j,
+query = chunk j+1) pair; a *flow* task replays the protocol on one old item:
+P support phases of K rows adapted in sequence (each phase restarting the rule
+from the previous phase's result, as the warm-up does), and the query loss
+after every phase, averaged.  With ``phase_alpha`` each phase has its own step
+size: an item's first K rows call for a bolder move than its next ones.
+
+``outer_loss="auc"`` replaces the query BCE by a pooled pairwise logistic loss
+over all query rows of the batch (a smooth 1 - AUC): the protocol scores
+emerging items by the AUC of their pooled test rows, and a step size that
+lowers each item's log loss can still rank items worse across items.  ``first_order`` stops the gradient
 through the inner gradients (the e_t path and alpha still get gradients).
 
 The frozen pieces (backbone params, feature tables, text vectors, side
@@ -43,6 +55,10 @@ class MetaConfig:
       e0); False learns the adaptation rule alone and keeps the aligned cold
       embedding exactly as stage 2 left it.
     rule: inner update, "sgd" (e - alpha * g) or "adam" (alpha * Adam direction).
+    phase_alpha: alpha has a leading phase axis [P, ...]; phase p of a flow
+      task (and warm phase p) uses ``alpha[p]``.
+    outer_loss: query term of the outer loss, "bce" (mean over tasks of each
+      task's BCE) or "auc" (``pairwise_auc_loss`` over the pooled query rows).
   """
   inner_steps: int = 3
   beta: float = 0.1
@@ -50,10 +66,14 @@ class MetaConfig:
   learn_alpha: bool = True
   train_init: bool = True
   rule: str = "sgd"
+  phase_alpha: bool = False
+  outer_loss: str = "bce"
 
 
-def init_alpha(alpha: float, mode: str, dim: int) -> jnp.ndarray:
+def init_alpha(alpha: float, mode: str, dim: int, phases: int = 0) -> jnp.ndarray:
   """Initial ``log_alpha``: [] for "scalar", [d] for "per_dim" (Meta-SGD).
+
+  With ``phases`` > 0 a leading phase axis is added: [P] or [P, d].
 
   The step size is learned in log space: it stays positive, and Adam's
   scale-free updates move it by a relative amount whatever its magnitude
@@ -62,16 +82,29 @@ def init_alpha(alpha: float, mode: str, dim: int) -> jnp.ndarray:
   """
   if alpha <= 0:
     raise ValueError(f"alpha must be positive, got {alpha}")
+  lead = (phases,) if phases > 0 else ()
   if mode == "scalar":
-    return jnp.asarray(jnp.log(alpha), jnp.float32)
+    return jnp.full(lead, jnp.log(alpha), jnp.float32)
   if mode == "per_dim":
-    return jnp.full((dim,), jnp.log(alpha), jnp.float32)
+    return jnp.full(lead + (dim,), jnp.log(alpha), jnp.float32)
   raise ValueError(f"alpha_mode must be scalar or per_dim, got {mode!r}")
 
 
-def step_size(meta_params: dict[str, Any]) -> jnp.ndarray:
-  """alpha = exp(log_alpha): [] or [d]."""
-  return jnp.exp(meta_params["log_alpha"])
+def step_size(meta_params: dict[str, Any], phase: Any = None) -> jnp.ndarray:
+  """alpha = exp(log_alpha): [] or [d]; ``phase`` picks a row of a per-phase alpha."""
+  alpha = jnp.exp(meta_params["log_alpha"])
+  return alpha if phase is None else alpha[phase]
+
+
+def phase_step_sizes(meta_params: dict[str, Any], cfg: "MetaConfig",
+                     n_phases: int) -> jnp.ndarray:
+  """[P, ...] step size of each phase (a shared alpha repeated P times)."""
+  alpha = step_size(meta_params)
+  if cfg.phase_alpha:
+    if alpha.shape[0] != n_phases:
+      raise ValueError(f"alpha has {alpha.shape[0]} phases, tasks have {n_phases}")
+    return alpha
+  return jnp.broadcast_to(alpha, (n_phases,) + alpha.shape)
 
 
 def adapt(loss_fn: Callable[[jnp.ndarray, Any], jnp.ndarray], e0: jnp.ndarray,
@@ -151,38 +184,126 @@ def task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
               task: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """Outer loss of ONE task (unbatched arrays: support [Rs], query [Rq]).
 
+  A flow task (support rows [P, K]) goes to ``flow_task_loss``.
+
   Returns:
     (beta * L(support; e_0) + (1 - beta) * L(query; e_T), metrics).
   """
+  if task["support/users"].ndim == 2:
+    return flow_task_loss(meta_params, model, mapper, cfg, frozen, task)
+  if cfg.phase_alpha:
+    raise ValueError("phase_alpha needs flow tasks (tasks.build_flow_tasks)")
   alpha = step_size(meta_params)
   if not cfg.learn_alpha:
     alpha = jax.lax.stop_gradient(alpha)
-  if not cfg.train_init:
-    meta_params = dict(meta_params)
-    for k in ("phi", "e0"):
-      if k in meta_params:
-        meta_params[k] = jax.lax.stop_gradient(meta_params[k])
+  meta_params = _maybe_freeze_init(meta_params, cfg)
   loss_fn = functools.partial(warmup.item_loss, model, frozen["params"], frozen["tables"])
   e0 = cold_embedding(meta_params, mapper, frozen, task["item"])
   support, query = _rows(task, "support"), _rows(task, "query")
   e_t = adapt(loss_fn, e0, support, alpha, cfg.inner_steps, cfg.first_order, cfg.rule)
   l_support = loss_fn(e0, support)
-  l_query = loss_fn(e_t, query)
+  logits = warmup.item_logits(model, frozen["params"], frozen["tables"], e_t, query)
+  l_query = backbones.bce_loss(logits, query["labels"], query["mask"])
   outer = cfg.beta * l_support + (1 - cfg.beta) * l_query
   return outer, {"support_e0": l_support, "query_eT": l_query,
-                 "query_e0": loss_fn(e0, query)}
+                 "query_e0": loss_fn(e0, query), "query_logits": logits[None]}
+
+
+def _maybe_freeze_init(meta_params: dict[str, Any], cfg: MetaConfig) -> dict[str, Any]:
+  if cfg.train_init:
+    return meta_params
+  meta_params = dict(meta_params)
+  for k in ("phi", "e0"):
+    if k in meta_params:
+      meta_params[k] = jax.lax.stop_gradient(meta_params[k])
+  return meta_params
+
+
+def flow_task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
+                   mapper: align.Mapper | None, cfg: MetaConfig, frozen: dict[str, Any],
+                   task: dict[str, jnp.ndarray]
+                   ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """Outer loss of ONE flow task (support [P, K], query [Q]).
+
+  e_0 is the cold embedding; phase p runs the rule on support phase p from
+  e_p with step size alpha_p (its Adam moments restarting, as a warm-up phase
+  does) to give e_{p+1}.  The outer loss is
+  ``beta * L(support_0; e_0) + (1 - beta) * mean_p L(query; e_{p+1})``: every
+  phase is scored on the same later rows, as the protocol scores every phase
+  on the same test rows.
+
+  Returns:
+    (outer loss, metrics with the query loss cold and after the first/last
+    phase, and "query_logits" [P, Q] after every phase).
+  """
+  support, query = _rows(task, "support"), _rows(task, "query")
+  n_phases = support["users"].shape[0]
+  alphas = phase_step_sizes(meta_params, cfg, n_phases)
+  if not cfg.learn_alpha:
+    alphas = jax.lax.stop_gradient(alphas)
+  meta_params = _maybe_freeze_init(meta_params, cfg)
+  loss_fn = functools.partial(warmup.item_loss, model, frozen["params"], frozen["tables"])
+  e0 = cold_embedding(meta_params, mapper, frozen, task["item"])
+
+  def phase(e, xs):
+    rows, alpha = xs
+    e = adapt(loss_fn, e, rows, alpha, cfg.inner_steps, cfg.first_order, cfg.rule)
+    logits = warmup.item_logits(model, frozen["params"], frozen["tables"], e, query)
+    return e, (backbones.bce_loss(logits, query["labels"], query["mask"]), logits)
+
+  _, (l_phases, logits) = jax.lax.scan(phase, e0, (support, alphas))
+  l_support = loss_fn(e0, jax.tree.map(lambda x: x[0], support))
+  outer = cfg.beta * l_support + (1 - cfg.beta) * l_phases.mean()
+  return outer, {"support_e0": l_support, "query_e0": loss_fn(e0, query),
+                 "query_e1": l_phases[0], "query_eT": l_phases[-1],
+                 "query_logits": logits}
+
+
+def pairwise_auc_loss(logits: jnp.ndarray, labels: jnp.ndarray,
+                      mask: jnp.ndarray) -> jnp.ndarray:
+  """Mean of softplus(s_neg - s_pos) over all (positive, negative) row pairs.
+
+  A smooth upper bound on the share of mis-ordered pairs (1 - AUC) of the
+  pooled rows; rows with mask 0 take part in no pair.
+
+  Args:
+    logits, labels, mask: any shape, same for all three (flattened).
+
+  Returns:
+    scalar loss (0 when there is no pair).
+  """
+  s, y, m = logits.reshape(-1), labels.reshape(-1), mask.reshape(-1)
+  pos, neg = y * m, (1.0 - y) * m
+  w = pos[:, None] * neg[None, :]
+  pairs = jax.nn.softplus(s[None, :] - s[:, None])
+  return (w * pairs).sum() / jnp.maximum(w.sum(), 1.0)
 
 
 def batch_loss(meta_params: dict[str, Any], model: backbones.Backbone,
                mapper: align.Mapper | None, cfg: MetaConfig, frozen: dict[str, Any],
                batch: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """Mean outer loss over the real tasks of a padded batch (vmapped over tasks)."""
+  """Outer loss of a padded batch of tasks (vmapped over tasks).
+
+  "bce": the mean of the tasks' outer losses over the real tasks.  "auc":
+  ``beta * mean L(support; e_0) + (1 - beta) * mean_p pairwise_auc_loss`` of
+  the query rows of all real tasks pooled, after each phase p.
+  """
   tasks = {k: v for k, v in batch.items() if k != "task_mask"}
   losses, aux = jax.vmap(task_loss, in_axes=(None, None, None, None, None, 0))(
       meta_params, model, mapper, cfg, frozen, tasks)
   w = batch["task_mask"]
   denom = jnp.maximum(w.sum(), 1.0)
-  return (losses * w).sum() / denom, {k: (v * w).sum() / denom for k, v in aux.items()}
+  logits = aux.pop("query_logits")  # [B, P, Q]
+  metrics = {k: (v * w).sum() / denom for k, v in aux.items()}
+  if cfg.outer_loss == "bce":
+    return (losses * w).sum() / denom, metrics
+  if cfg.outer_loss != "auc":
+    raise ValueError(f"outer_loss must be bce or auc, got {cfg.outer_loss!r}")
+  mask = batch["query/mask"] * w[:, None]
+  rank = jax.vmap(pairwise_auc_loss, in_axes=(1, None, None))(
+      logits, batch["query/labels"], mask).mean()
+  metrics["query_rank"] = rank
+  return cfg.beta * metrics["support_e0"] + (1 - cfg.beta) * rank, metrics
 
 
 def make_train_step(model: backbones.Backbone, mapper: align.Mapper | None,
@@ -216,19 +337,21 @@ def make_train_step(model: backbones.Backbone, mapper: align.Mapper | None,
 @functools.partial(jax.jit, static_argnames=("model", "cfg"))
 def adapt_items(meta_params: dict[str, Any], model: backbones.Backbone,
                 cfg: MetaConfig, frozen: dict[str, Any], emb: jnp.ndarray,
-                batch: dict[str, jnp.ndarray]) -> jnp.ndarray:
+                batch: dict[str, jnp.ndarray], phase: Any = 0) -> jnp.ndarray:
   """Applies the learned rule to every item at once (a warm-up phase).
 
   Args:
     meta_params: holds the learned ``log_alpha``.
     emb: [n, d] current embeddings.
     batch: Packed phase rows, each [n, K].
+    phase: warm phase index p (0 = warm_a); picks alpha_p when
+      ``cfg.phase_alpha`` (a traced argument: no recompilation per phase).
 
   Returns:
     [n, d] adapted embeddings.
   """
   loss_fn = functools.partial(warmup.item_loss, model, frozen["params"], frozen["tables"])
   rows = {k: batch[k] for k in ("users", "items", "labels", "mask")}
-  alpha = step_size(meta_params)
+  alpha = step_size(meta_params, phase if cfg.phase_alpha else None)
   return jax.vmap(lambda e, r: adapt(loss_fn, e, r, alpha, cfg.inner_steps,
                                      rule=cfg.rule))(emb, rows)

@@ -31,6 +31,26 @@ from emerflow_jax.models import backbones
 
 
 @dataclasses.dataclass
+class RuleBackbone:
+  """A second backbone pretrained without some old items (``rule_holdout``).
+
+  To the backbone every old item is in-sample: it has fitted that item's rows,
+  so a meta-task built from them barely gains from adapting and teaches the
+  rule to stand still.  Items held out of this backbone's pretraining are
+  genuinely new to it, like emerging items are to the main backbone; the rule
+  meta-learned on them is then used with the main backbone.
+
+  Attributes:
+    params: the auxiliary backbone's parameters (frozen).
+    split: the split it was pretrained on (old items without ``items``).
+    items: the held-out old items (meta-training tasks only).
+  """
+  params: Any
+  split: protocol.Split
+  items: np.ndarray
+
+
+@dataclasses.dataclass
 class Context:
   """What a method may use. Nothing in it reveals emerging items' future rows.
 
@@ -47,6 +67,8 @@ class Context:
       does not load any (only methods that need them ask for them).
     meta_items: old items kept out of pretraining for meta-training tasks
       (only when the method asks for ``meta_holdout`` > 0), else None.
+    rule_backbone: the auxiliary backbone for meta-training (only when the
+      method asks for ``rule_holdout`` > 0), else None.
   """
   config: ml_collections.ConfigDict
   ds: dataset_lib.Dataset
@@ -58,6 +80,7 @@ class Context:
   workdir: pathlib.Path
   item_vectors: np.ndarray | None = None
   meta_items: np.ndarray | None = None
+  rule_backbone: RuleBackbone | None = None
 
   @property
   def dim(self) -> int:
@@ -83,6 +106,8 @@ class Method:
   needs_vectors = False
   vector_source: str | None = None  # overrides config.enrich.source if set
   meta_holdout = 0.0  # fraction of old items kept out of pretraining for meta-tasks
+  rule_holdout = 0.0  # fraction held out of an auxiliary backbone (RuleBackbone)
+  rule_pick = "random"  # which old items: random | fewest_rows
 
   def configure(self, config: ml_collections.ConfigDict) -> None:
     """Reads config before pretraining (e.g. DropoutNet's dropout rate)."""

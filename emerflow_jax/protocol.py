@@ -121,8 +121,11 @@ class Holdout:
 
 
 def carve_validation(split: Split, ds: dataset_lib.Dataset, fraction: float,
-                     seed: int) -> tuple[Split, Holdout | None]:
-  """Moves a random ``fraction`` of old items into a validation Holdout.
+                     seed: int, pick: str = "random") -> tuple[Split, Holdout | None]:
+  """Moves a ``fraction`` of old items into a validation Holdout.
+
+  ``pick`` is "random" (uniform) or "fewest_rows": the old items with the
+  fewest rows (ties broken at random), the old items most like emerging ones.
 
   Returns:
     (the split without those items in base_rows / meta_chunks, the Holdout or
@@ -132,9 +135,16 @@ def carve_validation(split: Split, ds: dataset_lib.Dataset, fraction: float,
   if n_val == 0:
     return split, None
   rng = np.random.default_rng(seed)
-  pick = np.zeros(len(split.old_items), bool)
-  pick[rng.choice(len(split.old_items), n_val, replace=False)] = True
   groups = rows_by_item(ds.items, ds.times, ds.n_items)
+  if pick == "random":
+    chosen = rng.choice(len(split.old_items), n_val, replace=False)
+  elif pick == "fewest_rows":
+    sizes = np.asarray([len(groups[i]) for i in split.old_items])
+    chosen = np.lexsort((rng.random(len(sizes)), sizes))[:n_val]
+  else:
+    raise ValueError(f"pick must be random or fewest_rows, got {pick!r}")
+  pick = np.zeros(len(split.old_items), bool)
+  pick[chosen] = True
   val_items = split.old_items[pick]
   k = split.k
   warm = {p: np.stack([groups[i][j * k:(j + 1) * k] for i in val_items])

@@ -100,6 +100,58 @@ def build_meta_tasks(ds: dataset_lib.Dataset, split: protocol.Split,
   return out
 
 
+def build_flow_tasks(ds: dataset_lib.Dataset, split: protocol.Split, k: int,
+                     query_rows: int, rng: np.random.Generator | None = None,
+                     n_phases: int = len(protocol.WARM_PHASES),
+                     offset: str = "first") -> dict[str, np.ndarray]:
+  """One task per old item that replays the protocol: K-row phases, then later rows.
+
+  An emerging item is seen cold, then after each of P warm phases of K rows,
+  and is scored on its rows after those.  A flow task cuts an old item's
+  time-ordered history the same way: support phase p is rows
+  ``s + pK .. s + (p+1)K``, and the query is drawn from the rows after
+  ``s + PK`` up to ``s + N`` (the window the validation holdout scores on).
+
+  Args:
+    ds: the dataset.
+    split: the split whose ``meta_chunks`` hold each old item's rows.
+    k: K, rows per phase.
+    query_rows: padded query width Q (a seeded random subset when the window
+      is longer and ``rng`` is given, else its first Q rows).
+    rng: generator for query subsets and random offsets (fresh per epoch).
+    n_phases: P.
+    offset: "first" (s = 0: the item's first rows, exactly as an emerging
+      item) or "random" (s uniform over the positions that leave a full query
+      window; needs ``rng``; more distinct tasks per item).
+
+  Returns:
+    {"item": [n] item index, "support/{users,items,labels,mask}": [n, P, K],
+    "query/{...}": [n, Q]}.
+  """
+  if offset not in ("first", "random"):
+    raise ValueError(f"flow task offset must be first or random, got {offset!r}")
+  if offset == "random" and rng is None:
+    raise ValueError("offset='random' needs an rng")
+  sup, qry, owner = [], [], []
+  for item, chunks in zip(split.old_items, split.meta_chunks):
+    rows = np.concatenate(chunks)
+    if len(rows) <= n_phases * k:
+      continue  # no rows left to score on
+    s = 0
+    if offset == "random":
+      s = int(rng.integers(0, max(len(rows) - split.n_max, 0) + 1))
+    sup.extend(rows[s + p * k:s + (p + 1) * k] for p in range(n_phases))
+    qry.append(rows[s + n_phases * k:s + max(split.n_max, n_phases * k + 1)])
+    owner.append(item)
+  n = len(owner)
+  out = {"item": np.asarray(owner, np.int32)}
+  for key, v in pack_rows(ds, sup, k).items():
+    out[f"support/{key}"] = v.reshape(n, n_phases, k)
+  for key, v in pack_rows(ds, qry, query_rows, rng).items():
+    out[f"query/{key}"] = v
+  return out
+
+
 def pad_tasks(tasks: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
   """Pads the task axis to a multiple of ``multiple`` with fully masked tasks.
 

@@ -34,7 +34,7 @@ def _hash(obj: Any) -> str:
 
 def backbone_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                  seed: int, item_dropout: float,
-                 meta_holdout: float = 0.0) -> pathlib.Path:
+                 meta_holdout: float = 0.0, rule_holdout: Any = 0.0) -> pathlib.Path:
   """Checkpoint folder of a pretrained backbone, keyed by everything it depends on."""
   root = pathlib.Path(config.optim.cache_dir or workdir / "backbones").absolute()
   key = {"data": config.data.to_dict(), "model": config.model.to_dict(),
@@ -42,6 +42,8 @@ def backbone_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path,
          "backbone": config.backbone, "seed": seed, "dropout": item_dropout}
   if meta_holdout:
     key["meta_holdout"] = meta_holdout
+  if rule_holdout:
+    key["rule_holdout"] = rule_holdout
   key["data"].pop("dir", None)
   key["data"].pop("download", None)
   return root / f"{config.data.name}-{config.backbone}-s{seed}-{_hash(key)}"
@@ -95,11 +97,25 @@ def run_seed(config: ml_collections.ConfigDict, ds, split: protocol.Split,
       batch_size=config.optim.batch_size, lr=config.optim.lr,
       ckpt_dir=backbone_dir(config, workdir, seed, dropout, method.meta_holdout),
       item_dropout=dropout, weight_decay=config.optim.weight_decay)
+  rule = None
+  if method.rule_holdout > 0:
+    # An auxiliary backbone that never sees some old items: meta-tasks on them
+    # look like emerging items do to the main backbone.
+    aux_split, held = protocol.carve_validation(split_s, ds, method.rule_holdout,
+                                                seed + 104729, method.rule_pick)
+    aux_params = pretrain.pretrain_backbone(
+        model, tables, tasks.pack_flat(ds, aux_split.base_rows), k_pre,
+        epochs=config.optim.epochs, batch_size=config.optim.batch_size,
+        lr=config.optim.lr,
+        ckpt_dir=backbone_dir(config, workdir, seed, dropout, method.meta_holdout,
+                              (method.rule_holdout, method.rule_pick)),
+        item_dropout=dropout, weight_decay=config.optim.weight_decay)
+    rule = methods.RuleBackbone(params=aux_params, split=aux_split, items=held.items)
   t_pre = time.time()
   ctx = methods.Context(config=config, ds=ds, split=split_s, model=model,
                         params=params, tables=tables, key=k_method,
                         workdir=seed_dir, item_vectors=item_vectors,
-                        meta_items=meta_items)
+                        meta_items=meta_items, rule_backbone=rule)
   state = method.fit(ctx)
   val = None
   if holdout is not None:

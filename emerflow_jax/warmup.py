@@ -26,6 +26,13 @@ from emerflow_jax import tasks
 from emerflow_jax.models import backbones
 
 
+def item_logits(model: backbones.Backbone, params: Any, tables: backbones.Tables,
+                emb: jnp.ndarray, rows: dict[str, jnp.ndarray]) -> jnp.ndarray:
+  """Logits [R] of one item's rows scored with embedding ``emb`` [d]."""
+  e = jnp.broadcast_to(emb, rows["users"].shape + emb.shape)
+  return backbones.score(model, params, tables, rows["users"], rows["items"], e)
+
+
 def item_loss(model: backbones.Backbone, params: Any, tables: backbones.Tables,
               emb: jnp.ndarray, rows: dict[str, jnp.ndarray]) -> jnp.ndarray:
   """Masked mean BCE of one item's rows with embedding ``emb``.
@@ -37,8 +44,7 @@ def item_loss(model: backbones.Backbone, params: Any, tables: backbones.Tables,
   Returns:
     scalar loss.
   """
-  e = jnp.broadcast_to(emb, rows["users"].shape + emb.shape)
-  logits = backbones.score(model, params, tables, rows["users"], rows["items"], e)
+  logits = item_logits(model, params, tables, emb, rows)
   return backbones.bce_loss(logits, rows["labels"], rows["mask"])
 
 

@@ -66,3 +66,49 @@ def test_warm_phases_only_move_item_embeddings(tmp_path):
   assert new.shape == emb.shape and not np.allclose(new, emb)
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(ctx.params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_rule_learned_on_an_auxiliary_backbone_carries_only_the_step_sizes(tmp_path):
+  """rule_holdout: alpha comes from items the auxiliary backbone never saw."""
+  from emerflow_jax import pretrain, tasks  # pylint: disable=g-import-not-at-top
+  method, ctx = _context(tmp_path, "emerflow", **{"meta.rule_holdout": 0.4})
+  method.configure(ctx.config)
+  assert method.rule_holdout == 0.4
+  aux_split, held = protocol.carve_validation(ctx.split, ctx.ds, 0.4, 0,
+                                              pick=method.rule_pick)
+  aux_params = pretrain.pretrain_backbone(
+      ctx.model, ctx.tables, tasks.pack_flat(ctx.ds, aux_split.base_rows),
+      jax.random.key(5), epochs=1, batch_size=64, lr=1e-2, ckpt_dir=tmp_path / "aux")
+  ctx.rule_backbone = methods.RuleBackbone(params=aux_params, split=aux_split,
+                                           items=held.items)
+  state = method.fit(ctx)
+  alpha = np.asarray(state["params"]["log_alpha"])
+  assert alpha.shape == (3,)  # one scalar step size per warm phase
+  assert not np.allclose(alpha, np.log(ctx.config.meta.alpha))  # it was learned
+  assert (tmp_path / "rule" / "meta").exists() and (tmp_path / "rule" / "align").exists()
+  assert not (tmp_path / "meta").exists()  # nothing meta-trained on the main backbone
+  # The cold map is the main backbone's own mapper, not the auxiliary one.
+  _, plain_ctx = _context(tmp_path / "plain", "emerflow", **{"meta.epochs": 0})
+  plain = method.fit(plain_ctx)
+  cold = method.cold(ctx, state, ctx.split.emerging_items)
+  np.testing.assert_allclose(cold, method.cold(plain_ctx, plain, ctx.split.emerging_items),
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_rule_holdout_refuses_to_transfer_a_trained_cold_map(tmp_path):
+  method, ctx = _context(tmp_path, "emerflow", **{"meta.rule_holdout": 0.3,
+                                                  "meta.train_init": True})
+  with pytest.raises(ValueError, match="train_init=False"):
+    method.configure(ctx.config)
+
+
+def test_refine_steps_through_the_phases(tmp_path):
+  method, ctx = _context(tmp_path, "emerflow")
+  state = method.fit(ctx)
+  s = ctx.split
+  emb = method.cold(ctx, state, s.emerging_items)
+  from emerflow_jax import tasks  # pylint: disable=g-import-not-at-top
+  for p, phase in enumerate(protocol.WARM_PHASES):
+    assert state["phase"] == p
+    emb, state = method.refine(ctx, state, emb, tasks.pack_phase(ctx.ds, s.warm_rows[phase]),
+                               s.emerging_items)

@@ -148,3 +148,163 @@ def test_adapt_items_equals_per_item_adapt(world):
     rows = {k: v[i] for k, v in batch.items()}
     e = meta.adapt(loss_fn, emb[i], rows, meta.step_size(world["meta_params"]), 3)
     np.testing.assert_allclose(out[i], e, rtol=1e-5, atol=1e-6)
+
+
+# --- flow tasks: the protocol replayed on one old item, one step size per phase.
+
+@pytest.fixture(scope="module")
+def flow(world):
+  all_tasks = tasks.build_flow_tasks(world["ds"], world["split"], 4, 6,
+                                     np.random.default_rng(0))
+  batch = tasks.pad_tasks({k: v[:5] for k, v in all_tasks.items()}, 8)
+  meta_params = dict(world["meta_params"],
+                     log_alpha=jnp.log(jnp.asarray([[0.4] * 4, [0.2] * 4, [0.1] * 4])))
+  return dict(batch={k: jnp.asarray(v) for k, v in batch.items()}, meta_params=meta_params)
+
+
+def _flow_cfg(**kw):
+  return meta.MetaConfig(**dict(dict(inner_steps=2, phase_alpha=True, rule="adam"), **kw))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_flow_vmapped_loss_and_grad_equal_task_loop(world, flow, first_order):
+  cfg = _flow_cfg(first_order=first_order)
+  args = (world["model"], world["mapper"], cfg, world["frozen"])
+  b = flow["batch"]
+  (loss, _), grads = jax.value_and_grad(meta.batch_loss, has_aux=True)(
+      flow["meta_params"], *args, b)
+  real = int(b["task_mask"].sum())
+  outs = [jax.value_and_grad(meta.task_loss, has_aux=True)(
+      flow["meta_params"], *args, _one_task(b, i)) for i in range(real)]
+  np.testing.assert_allclose(loss, np.mean([o[0][0] for o in outs]), rtol=1e-5, atol=1e-6)
+  mean_g = jax.tree.map(lambda *g: sum(g) / real, *[o[1] for o in outs])
+  for a, c in zip(jax.tree.leaves(grads), jax.tree.leaves(mean_g)):
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
+def test_flow_task_is_phases_in_sequence_with_their_own_step_sizes(world, flow):
+  """flow_task_loss == adapting phase by phase by hand, alpha_p in phase p."""
+  cfg = _flow_cfg(beta=0.3)
+  task = _one_task(flow["batch"], 0)
+  fr = world["frozen"]
+  loss_fn = functools.partial(warmup.item_loss, world["model"], fr["params"], fr["tables"])
+  rows = lambda prefix, p=None: {k: (task[f"{prefix}/{k}"] if p is None
+                                     else task[f"{prefix}/{k}"][p])
+                                 for k in ("users", "items", "labels", "mask")}
+  e = meta.cold_embedding(flow["meta_params"], world["mapper"], fr, task["item"])
+  l0 = loss_fn(e, rows("support", 0))
+  alphas = meta.step_size(flow["meta_params"])
+  q = []
+  for p in range(3):
+    e = meta.adapt(loss_fn, e, rows("support", p), alphas[p], 2, rule="adam")
+    q.append(loss_fn(e, rows("query")))
+  want = 0.3 * l0 + 0.7 * np.mean(q)
+  got, aux = meta.task_loss(flow["meta_params"], world["model"], world["mapper"], cfg, fr,
+                            task)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(aux["query_e1"], q[0], rtol=1e-5)
+  assert len(set(np.round(q, 6))) == 3  # each phase moved the embedding
+
+
+def test_phase_step_size_gradients_match_finite_differences(world, flow):
+  cfg = _flow_cfg()
+  task = _one_task(flow["batch"], 1)
+  args = (world["model"], world["mapper"], cfg, world["frozen"])
+
+  def outer(log_alpha):
+    return meta.task_loss(dict(flow["meta_params"], log_alpha=log_alpha), *args, task)[0]
+
+  la = flow["meta_params"]["log_alpha"]
+  g = jax.grad(outer)(la)
+  eps = 2e-3
+  for p in range(3):
+    for j in (0, 3):
+      d = jnp.zeros_like(la).at[p, j].set(eps)
+      fd = (outer(la + d) - outer(la - d)) / (2 * eps)
+      np.testing.assert_allclose(g[p, j], fd, rtol=5e-2, atol=2e-4)
+  assert float(jnp.abs(g).max()) > 1e-5
+
+
+def test_flow_padded_rows_and_tasks_have_no_effect(world, flow):
+  for outer_loss in ("bce", "auc"):
+    cfg = _flow_cfg(outer_loss=outer_loss)
+    args = (flow["meta_params"], world["model"], world["mapper"], cfg, world["frozen"])
+    b = flow["batch"]
+    loss, _ = meta.batch_loss(*args, b)
+    garbled = dict(b)
+    for side in ("support", "query"):
+      m = b[f"{side}/mask"] == 0
+      garbled[f"{side}/users"] = jnp.where(m, 7, b[f"{side}/users"])
+      garbled[f"{side}/labels"] = jnp.where(m, 1.0, b[f"{side}/labels"])
+    dead = b["task_mask"] == 0
+    assert int(dead.sum()) > 0
+    loss2, _ = meta.batch_loss(*args, garbled)
+    np.testing.assert_allclose(loss, loss2, rtol=1e-6)
+
+
+def test_pairwise_auc_loss_matches_a_loop_over_pairs():
+  rng = np.random.default_rng(0)
+  s = rng.normal(size=(3, 5)).astype(np.float32)
+  y = (rng.random((3, 5)) < 0.5).astype(np.float32)
+  m = (rng.random((3, 5)) < 0.8).astype(np.float32)
+  total, n = 0.0, 0
+  for i in range(15):
+    for j in range(15):
+      a, b = divmod(i, 5), divmod(j, 5)
+      if m[a] and m[b] and y[a] == 1 and y[b] == 0:
+        total += np.log1p(np.exp(s[b] - s[a]))
+        n += 1
+  np.testing.assert_allclose(meta.pairwise_auc_loss(s, y, m), total / n, rtol=1e-5)
+  # Perfectly ordered, widely separated scores: loss ~0; reversed: large.
+  y1 = np.array([1, 1, 0, 0], np.float32)
+  good = meta.pairwise_auc_loss(np.array([9., 8., -8., -9.]), y1, np.ones(4))
+  bad = meta.pairwise_auc_loss(np.array([-9., -8., 8., 9.]), y1, np.ones(4))
+  assert float(good) < 1e-6 < 16 < float(bad)
+  assert float(meta.pairwise_auc_loss(s, np.ones_like(y), m)) == 0.0  # no pair
+
+
+def test_auc_outer_loss_pools_the_query_rows_of_every_task(world, flow):
+  """batch_loss("auc") == beta * mean support BCE + (1-beta) * mean_p pooled pairs."""
+  cfg = _flow_cfg(outer_loss="auc", beta=0.2)
+  b = flow["batch"]
+  args = (world["model"], world["mapper"], cfg, world["frozen"])
+  real = int(b["task_mask"].sum())
+  per = [meta.task_loss(flow["meta_params"], *args, _one_task(b, i))[1] for i in range(real)]
+  logits = np.stack([np.asarray(a["query_logits"]) for a in per])  # [n, P, Q]
+  labels = np.asarray(b["query/labels"][:real])
+  mask = np.asarray(b["query/mask"][:real])
+  rank = np.mean([meta.pairwise_auc_loss(logits[:, p], labels, mask) for p in range(3)])
+  want = 0.2 * np.mean([a["support_e0"] for a in per]) + 0.8 * rank
+  got, metrics = meta.batch_loss(flow["meta_params"], *args, b)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(metrics["query_rank"], rank, rtol=1e-5)
+
+
+def test_phase_alpha_needs_flow_tasks(world):
+  b = {k: jnp.asarray(v) for k, v in world["batch"].items()}
+  with pytest.raises(ValueError, match="flow tasks"):
+    meta.batch_loss(world["meta_params"], world["model"], world["mapper"],
+                    _flow_cfg(), world["frozen"], b)
+  with pytest.raises(ValueError, match="bce or auc"):
+    meta.batch_loss(world["meta_params"], world["model"], world["mapper"],
+                    meta.MetaConfig(outer_loss="hinge"), world["frozen"], b)
+
+
+def test_adapt_items_uses_the_step_size_of_its_phase(world, flow):
+  cfg = _flow_cfg(inner_steps=3)
+  ds, split = world["ds"], world["split"]
+  batch = {k: jnp.asarray(v) for k, v in
+           tasks.pack_phase(ds, split.warm_rows["warm_b"]).items()}
+  emb = jax.random.normal(jax.random.key(2), (batch["users"].shape[0], 4)) * 0.1
+  fr = world["frozen"]
+  shared = dict(flow["meta_params"], log_alpha=flow["meta_params"]["log_alpha"][1])
+  want = meta.adapt_items(shared, world["model"], meta.MetaConfig(inner_steps=3, rule="adam"),
+                          fr, emb, batch)
+  got = meta.adapt_items(flow["meta_params"], world["model"], cfg, fr, emb, batch, 1)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  other = meta.adapt_items(flow["meta_params"], world["model"], cfg, fr, emb, batch, 2)
+  assert not np.allclose(other, want)
+  assert meta.adapt_items._cache_size() >= 1
+  n = meta.adapt_items._cache_size()
+  meta.adapt_items(flow["meta_params"], world["model"], cfg, fr, emb, batch, 0)
+  assert meta.adapt_items._cache_size() == n  # the phase is traced, not static

@@ -224,3 +224,14 @@ def test_carve_validation_is_seeded_and_zero_is_a_no_op(tiny_ds, tiny_split):
   np.testing.assert_array_equal(a.items, b.items)
   same, none = protocol.carve_validation(tiny_split, tiny_ds, 0.0, seed=1)
   assert none is None and same is tiny_split
+
+
+def test_carve_validation_can_pick_the_old_items_with_fewest_rows(tiny_ds, tiny_split):
+  sizes = {int(i): int((tiny_ds.items == i).sum()) for i in tiny_split.old_items}
+  rest, held = protocol.carve_validation(tiny_split, tiny_ds, 0.25, seed=0,
+                                         pick="fewest_rows")
+  assert len(held.items) == 2
+  assert max(sizes[int(i)] for i in held.items) <= min(sizes[int(i)] for i in rest.old_items)
+  assert not np.isin(tiny_ds.items[rest.base_rows], held.items).any()
+  with pytest.raises(ValueError, match="fewest_rows"):
+    protocol.carve_validation(tiny_split, tiny_ds, 0.25, seed=0, pick="largest")

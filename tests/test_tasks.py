@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emerflow_jax import tasks
+from emerflow_jax import protocol, tasks
 from emerflow_jax.models import backbones
 
 
@@ -119,3 +119,33 @@ def test_masks_really_mask(tiny_ds, tiny_split, tiny_backbone):
   # ...while changing a real row does change it (the check can fail).
   real = dict(p, labels=p["labels"].at[0, 0].set(1.0 - p["labels"][0, 0]))
   assert abs(float(loss(real)) - float(loss(p))) > 1e-4
+
+
+def test_build_flow_tasks_replay_the_protocol_on_old_items(tiny_ds, tiny_split):
+  k, q = 3, 50
+  t = tasks.build_flow_tasks(tiny_ds, tiny_split, k, q)
+  groups = protocol.rows_by_item(tiny_ds.items, tiny_ds.times, tiny_ds.n_items)
+  assert t["support/users"].shape == (len(t["item"]), 3, k)
+  assert t["query/mask"].shape == (len(t["item"]), q)
+  for n, item in enumerate(t["item"]):
+    rows = groups[item]
+    for p in range(3):  # phase p = the item's rows pK .. (p+1)K, in time order
+      np.testing.assert_array_equal(t["support/users"][n, p],
+                                    tiny_ds.users[rows[p * k:(p + 1) * k]])
+    window = rows[3 * k:tiny_split.n_max]  # as a validation item's test rows
+    m = t["query/mask"][n] > 0
+    assert m.sum() == min(len(window), q)
+    np.testing.assert_array_equal(t["query/users"][n][m], tiny_ds.users[window[:m.sum()]])
+
+
+def test_build_flow_tasks_random_offsets_stay_inside_the_history(tiny_ds, tiny_split):
+  k = 2
+  t = tasks.build_flow_tasks(tiny_ds, tiny_split, k, 4, np.random.default_rng(1),
+                             offset="random")
+  assert np.all(t["support/mask"] == 1)
+  assert np.all(t["query/mask"].sum(1) > 0)
+  assert np.all(t["support/items"] == t["item"][:, None, None])
+  with pytest.raises(ValueError, match="first or random"):
+    tasks.build_flow_tasks(tiny_ds, tiny_split, k, 4, offset="middle")
+  with pytest.raises(ValueError, match="needs an rng"):
+    tasks.build_flow_tasks(tiny_ds, tiny_split, k, 4, offset="random")

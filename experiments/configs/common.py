@@ -45,7 +45,7 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
 
   c.align = ml_collections.ConfigDict()
   c.align.hidden = (64,)          # mapper g_phi hidden sizes
-  c.align.use_fields = True       # also feed the frozen backbone's item-field embeddings
+  c.align.use_fields = False      # also feed the frozen backbone's item-field embeddings (off: chosen on validation)
   c.align.lam = 0.1               # weight of the BCE term (the MSE term is variance-normalised)
   c.align.steps = 1000            # alignment training steps
   c.align.lr = 1e-3               # Adam learning rate
@@ -54,21 +54,28 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.align.holdout = 0.2           # old items held out of the MSE term for early stopping
 
   c.meta = ml_collections.ConfigDict()
+  c.meta.tasks = "flow"           # flow (replay warm phases a,b,c, score later rows) | chunks (chunk j -> j+1)
+  c.meta.task_offset = "first"    # flow tasks start at the item's first row | random (anywhere in its history)
+  c.meta.phase_alpha = True       # one step size per warm phase (needs flow tasks)
   c.meta.inner_rule = "adam"      # sgd (e - alpha*g) | adam (alpha * Adam direction)
   c.meta.inner_steps = 10         # T inner gradient steps (= warmup.steps: starts as the fine-tuning)
   c.meta.alpha = 1e-2             # initial inner step size (= warmup.lr for the adam rule)
-  c.meta.alpha_mode = "per_dim"   # scalar|per_dim (Meta-SGD)
+  c.meta.alpha_mode = "scalar"    # scalar|per_dim (Meta-SGD; a learned rule moves to another backbone only as a scalar)
   c.meta.learn_alpha = True       # learn alpha (in log space) in the outer loop
   c.meta.train_init = False       # outer loss also trains the cold map (phi / e0)
   c.meta.crossfit_folds = 2       # meta-tasks start from out-of-fold mapper outputs (1 = off)
   c.meta.holdout_fraction = 0.0   # old items kept out of pretraining, used only as meta-tasks
+  c.meta.rule_holdout = 0.3       # old items kept out of an auxiliary backbone; the rule is learned on them (0 = off)
+  c.meta.rule_pick = "fewest_rows"  # which: fewest_rows (most like emerging items) | random
   c.meta.first_order = False      # first-order (stop-gradient through inner grads)
+  c.meta.outer_loss = "auc"       # query term: auc (pooled pairwise, as the protocol's pooled AUC) | bce
   c.meta.beta = 0.1               # outer loss = beta * L(support; e0) + (1-beta) * L(query; e_T)
-  c.meta.epochs = 40              # passes over all old-item tasks
+  c.meta.epochs = 100             # passes over all meta-training tasks
   c.meta.batch_tasks = 64         # tasks per meta step
   c.meta.lr = 1e-3                # outer Adam learning rate
-  c.meta.support_rows = k         # padded support width (K mimics a warm phase)
-  c.meta.query_rows = 2 * k       # padded query width
+  c.meta.alpha_lr = 1e-2          # outer Adam learning rate of log alpha (0 -> meta.lr)
+  c.meta.support_rows = k         # chunk tasks: padded support width (K mimics a warm phase)
+  c.meta.query_rows = 4 * k       # padded query width (flow: sampled from the rows after the phases)
 
   c.warmup = ml_collections.ConfigDict()
   c.warmup.steps = 10             # shared fine-tuning: Adam steps per phase
