@@ -53,17 +53,20 @@ def grid_config(config: ml_collections.ConfigDict, method: str, backbone: str,
   return c
 
 
-# Config sections read by one baseline only: a change there cannot change
-# another method's run, so it does not invalidate that run.
-_OWN_SECTIONS = ("dropoutnet", "metaemb", "mwuf", "cvar")
+# Config sections read by one method family only (section -> method-name
+# prefix): a change there cannot change another method's run, so it does not
+# invalidate that run.  warmup is shared: every method ends in its fine-tuning.
+_OWN_SECTIONS = {"dropoutnet": "dropoutnet", "metaemb": "metaemb", "mwuf": "mwuf",
+                 "cvar": "cvar", "enrich": "emerflow", "align": "emerflow",
+                 "meta": "emerflow"}
 
 
 def _comparable(config_dict: dict) -> dict:
   d = json.loads(json.dumps(config_dict, default=str))
   for section, key in _PATH_FIELDS:
     d.get(section, {}).pop(key, None)
-  for section in _OWN_SECTIONS:
-    if d.get("method") != section:
+  for section, owner in _OWN_SECTIONS.items():
+    if not str(d.get("method", "")).startswith(owner):
       d.pop(section, None)
   return d
 

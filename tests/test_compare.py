@@ -57,6 +57,14 @@ def test_grid_runs_skips_finished_and_records_failures(tmp_path, repo_root):
   # The run keeps the code version that produced it.
   assert again["runs"][0]["commit"] == grid["runs"][0]["commit"] == "abc1234"
 
+  # EmerFlow's own sections (and another baseline's) cannot change base's run.
+  config.meta.inner_steps = 7
+  config.align.lam = 0.5
+  config.cvar.keep = 0.3
+  again = compare.run_grid(config, tmp_path, ["base"], ["fm"], seeds=1,
+                           run_fn=must_not_rerun)
+  assert again["skipped"] == ["base_fm"]
+
   # A changed config must not silently reuse the old run.
   config.warmup.steps = 3
   with pytest.raises(ValueError, match="warmup.steps"):
