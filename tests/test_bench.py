@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from emerflow_jax import bench, emerflow
+from emerflow_jax import bench
 from experiments.configs import common
 
 
@@ -17,7 +17,7 @@ from experiments.configs import common
 def tiny():
   config = common.base_config("bench", n_max=200, k=20)
   world = bench.make_world(bench.TINY_SHAPES, config, 8)
-  mcfg = dataclasses.replace(emerflow.meta_config(config), inner_steps=1)
+  mcfg = dataclasses.replace(bench.bench_meta_config(config), inner_steps=1)
   return world, mcfg
 
 
