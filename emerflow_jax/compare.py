@@ -40,15 +40,31 @@ _PATH_FIELDS = (("data", "dir"), ("data", "download"), ("optim", "cache_dir"),
                 ("enrich", "cache_dir"))
 
 
+def parse_method(spec: str) -> tuple[str, str | None]:
+  """"emerflow:agent4rec" -> ("emerflow", "agent4rec"); "base" -> ("base", None).
+
+  A ``:source`` suffix runs the method with ``enrich.source=source``, so one
+  grid can compare LLM sources side by side.
+  """
+  method, _, source = spec.partition(":")
+  return method, (source or None)
+
+
 def run_dir(workdir: pathlib.Path, method: str, backbone: str) -> pathlib.Path:
-  return pathlib.Path(workdir) / f"{method}_{backbone}"
+  return pathlib.Path(workdir) / f"{method.replace(':', '-')}_{backbone}"
 
 
 def grid_config(config: ml_collections.ConfigDict, method: str, backbone: str,
                 seeds: int, cache_dir: str) -> ml_collections.ConfigDict:
-  """A copy of ``config`` for one grid cell (only existing fields are set)."""
+  """A copy of ``config`` for one grid cell (only existing fields are set).
+
+  ``method`` may carry a ``:source`` suffix (``parse_method``).
+  """
   c = copy.deepcopy(config)
-  c.method, c.backbone, c.seeds = method, backbone, int(seeds)
+  name, source = parse_method(method)
+  c.method, c.backbone, c.seeds = name, backbone, int(seeds)
+  if source is not None:
+    c.enrich.source = source
   c.optim.cache_dir = cache_dir
   return c
 
@@ -135,13 +151,13 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       if done is not None:
         logging.info("compare: %s_%s finished, reading it back", method, backbone)
         out["skipped"].append(path.name)
-        out["runs"].append(dict(done, commit=_stamp(path)))
+        out["runs"].append(dict(done, commit=_stamp(path), label=method))
         continue
       logging.info("compare: running %s with %s (%d seeds)", method, backbone, seeds)
       try:
         res = run_fn(c, str(path))
         results.write_json_atomic(path / "stamp.json", {"commit": commit})
-        out["runs"].append(dict(res, commit=commit))
+        out["runs"].append(dict(res, commit=commit, label=method))
       except Exception as e:  # pylint: disable=broad-except
         # One broken or missing method must not lose the rest of the grid.
         logging.error("compare: %s_%s failed: %s", method, backbone,
@@ -167,7 +183,8 @@ def aggregate(grid: dict) -> dict:
   runs = grid["runs"]
   rows = []
   for r in runs:
-    row = {"method": r["method"], "backbone": r["backbone"], "seeds": r["seeds"],
+    row = {"method": r.get("label", r["method"]), "backbone": r["backbone"],
+           "seeds": r["seeds"],
            "seconds": r["seconds"], "commit": r.get("commit", "unknown")}
     for metric in ("auc", "f1", "val_auc"):
       if metric in r:

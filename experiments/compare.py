@@ -25,7 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Dataset config file."
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the grid.")
 _METHODS = flags.DEFINE_list("methods", "base,dropoutnet,metaemb,mwuf,cvar,emerflow",
-                             "Methods to compare.")
+                             "Methods to compare; NAME:SOURCE runs NAME with enrich.source=SOURCE "
+                             "(e.g. emerflow:agent4rec).")
 _BACKBONES = flags.DEFINE_list("backbones", "deepfm,widedeep", "Backbones.")
 _SEEDS = flags.DEFINE_integer("seeds", None, "Seeds per run (default: config.seeds).")
 _RESULTS_MD = flags.DEFINE_string("results_md", "",

@@ -122,3 +122,25 @@ def test_results_md_keeps_other_datasets_sections(tmp_path):
   assert "new table" in text and "old table" not in text and "its table" in text
   assert text.index("movielens100k") < text.index("disgenet")  # order kept
   assert text.count("<!-- results:movielens100k:begin -->") == 1
+
+
+def test_method_source_variants_set_the_enrichment_source(tmp_path):
+  config = _tiny_config()
+  assert compare.parse_method("emerflow:agent4rec") == ("emerflow", "agent4rec")
+  assert compare.parse_method("base") == ("base", None)
+  c = compare.grid_config(config, "emerflow:galkars", "fm", 1, str(tmp_path))
+  assert (c.method, c.enrich.source, c.backbone) == ("emerflow", "galkars", "fm")
+  assert compare.grid_config(config, "emerflow", "fm", 1, "").enrich.source == \
+      config.enrich.source
+  assert compare.run_dir(tmp_path, "emerflow:galkars", "fm").name == "emerflow-galkars_fm"
+  seen = []
+
+  def fake(c, workdir):
+    seen.append((c.method, c.enrich.source))
+    return _fake_run(c.method, c.backbone, [0.5, 0.6, 0.7, 0.8])
+
+  grid = compare.run_grid(config, tmp_path, ["emerflow", "emerflow:raw"], ["fm"], 1,
+                          run_fn=fake)
+  assert seen == [("emerflow", config.enrich.source), ("emerflow", "raw")]
+  assert [r["method"] for r in compare.aggregate(grid)["runs"]] == ["emerflow",
+                                                                    "emerflow:raw"]
