@@ -1,6 +1,7 @@
 """compare: the grid skips finished runs, records failures, writes its three files."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -137,6 +138,7 @@ def test_method_source_variants_set_the_enrichment_source(tmp_path):
 
   def fake(c, workdir):
     seen.append((c.method, c.enrich.source))
+    os.makedirs(workdir)
     return _fake_run(c.method, c.backbone, [0.5, 0.6, 0.7, 0.8])
 
   grid = compare.run_grid(config, tmp_path, ["emerflow", "emerflow:raw"], ["fm"], 1,
