@@ -46,7 +46,8 @@ def meta_config(cfg: ml_collections.ConfigDict) -> meta.MetaConfig:
                          train_init=bool(cfg.meta.train_init),
                          rule=str(cfg.meta.inner_rule),
                          phase_alpha=bool(cfg.meta.phase_alpha),
-                         outer_loss=str(cfg.meta.outer_loss))
+                         outer_loss=str(cfg.meta.outer_loss),
+                         cold_in_outer=bool(cfg.meta.cold_in_outer))
 
 
 def build_tasks(ctx: methods.Context, split: protocol.Split,
@@ -64,16 +65,20 @@ def build_tasks(ctx: methods.Context, split: protocol.Split,
   raise ValueError(f"meta.tasks must be flow or chunks, got {cfg.tasks!r}")
 
 
-def outer_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam on the meta params; ``meta.alpha_lr`` (if > 0) for the step sizes.
+# The learned rule: what carries over from an auxiliary backbone.
+RULE_PARAMS = ("log_alpha", "shrink")
 
-  The step sizes live in log space and want relative moves of order one
-  within a few hundred steps, far more than the mapper weights should move.
+
+def outer_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam on the meta params; ``meta.alpha_lr`` (if > 0) for the rule's scalars.
+
+  The step sizes (in log space) and the prior's shrink want moves of order
+  one within a few hundred steps, far more than the mapper weights should move.
   """
   lr, alpha_lr = float(cfg.meta.lr), float(cfg.meta.alpha_lr)
   if alpha_lr <= 0:
     return optax.adam(lr)
-  label = lambda params: {k: ("alpha" if k == "log_alpha" else "rest") for k in params}
+  label = lambda params: {k: ("alpha" if k in RULE_PARAMS else "rest") for k in params}
   return optax.multi_transform({"alpha": optax.adam(alpha_lr), "rest": optax.adam(lr)},
                                label)
 
@@ -123,6 +128,8 @@ def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
                      m["query_rank"])
       per_phase = (" ".join(f"{a:.4f}" for a in alpha.reshape(len(alpha), -1).mean(1))
                    if mcfg.phase_alpha else f"{alpha.mean():.4f}")
+      if "shrink" in state["params"]:
+        per_phase += f" shrink {float(state['params']['shrink']):.3f}"
       logging.info("meta: epoch %d/%d step %d loss %.4f query L(e0) %.4f -> L(eT) %.4f "
                    "alpha %s", epoch + 1, epochs, int(state["step"]), m["loss"],
                    m["query_e0"], m["query_eT"], per_phase)
@@ -181,7 +188,8 @@ class EmerFlow(methods.Method):
     side = None
     if cfg.align.use_fields:
       side = align.item_side_embeddings(ctx.params, ctx.tables, jnp.arange(n_items))
-    frozen = {"params": ctx.params, "tables": ctx.tables, "r": jnp.asarray(r)}
+    frozen = {"params": ctx.params, "tables": ctx.tables, "r": jnp.asarray(r),
+              "center": jnp.mean(ctx.old_item_embeddings(), 0)}
     if side is not None:
       frozen["side"] = side
     dim = ctx.dim
@@ -193,6 +201,8 @@ class EmerFlow(methods.Method):
       mapper = align.Mapper(out_dim=dim, hidden=tuple(cfg.align.hidden))
       phi = self._align(ctx, mapper, r, side, ctx.split.old_items, "align", 1)
       params = {"phi": phi, "log_alpha": alpha}
+      if self.use_meta and cfg.meta.learn_shrink:
+        params["shrink"] = jnp.ones((), jnp.float32)
       folds = int(cfg.meta.crossfit_folds)
       if (self.use_meta and folds > 1 and ctx.meta_items is None
           and ctx.rule_backbone is None):
@@ -200,37 +210,40 @@ class EmerFlow(methods.Method):
     else:
       params = {"e0": jnp.mean(ctx.old_item_embeddings(), 0), "log_alpha": alpha}
     if self.use_meta and ctx.rule_backbone is not None:
-      params = dict(params, log_alpha=self._rule_on_aux(ctx, mapper, r, alpha))
+      params = dict(params, **self._rule_on_aux(ctx, mapper, r, params))
     elif self.use_meta:
       params = run_meta_training(ctx, mapper, params, meta_frozen)
     return {"params": params, "mapper": mapper, "frozen": frozen, "phase": 0}
 
   def _rule_on_aux(self, ctx: methods.Context, mapper: align.Mapper | None,
-                   r: np.ndarray, alpha: jnp.ndarray) -> jnp.ndarray:
-    """Meta-learns the step sizes on the auxiliary backbone's held-out items.
+                   r: np.ndarray, init: dict[str, Any]) -> dict[str, jnp.ndarray]:
+    """Meta-learns the rule on the auxiliary backbone's held-out items.
 
     Everything stage 2 does is redone against the auxiliary backbone (its
     side embeddings, a mapper aligned to its item space on its own old items),
     so the held-out items start exactly as emerging items start on the main
     backbone: from the cold embedding of a mapper that never saw them.  Only
-    the learned ``log_alpha`` carries over.
+    the rule (``RULE_PARAMS``: step sizes, prior shrink) carries over.
     """
     aux = ctx.rule_backbone
     actx = dataclasses.replace(ctx, params=aux.params, split=aux.split,
                                meta_items=aux.items, workdir=ctx.workdir / "rule")
-    frozen = {"params": aux.params, "tables": ctx.tables, "r": jnp.asarray(r)}
+    frozen = {"params": aux.params, "tables": ctx.tables, "r": jnp.asarray(r),
+              "center": jnp.mean(actx.old_item_embeddings(), 0)}
+    rule = {k: v for k, v in init.items() if k in RULE_PARAMS}
     side = None
     if ctx.config.align.use_fields:
       side = align.item_side_embeddings(aux.params, ctx.tables, jnp.arange(ctx.ds.n_items))
       frozen["side"] = side
     if mapper is not None:
-      params = {"phi": self._align(actx, mapper, r, side, aux.split.old_items, "align", 2),
-                "log_alpha": alpha}
+      params = dict(rule, phi=self._align(actx, mapper, r, side, aux.split.old_items,
+                                          "align", 2))
     else:
-      params = {"e0": jnp.mean(actx.old_item_embeddings(), 0), "log_alpha": alpha}
+      params = dict(rule, e0=jnp.mean(actx.old_item_embeddings(), 0))
     logging.info("meta: learning the rule on %d items held out of an auxiliary backbone",
                  len(aux.items))
-    return run_meta_training(actx, mapper, params, frozen)["log_alpha"]
+    learned = run_meta_training(actx, mapper, params, frozen)
+    return {k: learned[k] for k in rule}
 
   def _align(self, ctx: methods.Context, mapper: align.Mapper, r: np.ndarray,
              side: jnp.ndarray | None, items: np.ndarray, name: str,

@@ -59,6 +59,8 @@ class MetaConfig:
       task (and warm phase p) uses ``alpha[p]``.
     outer_loss: query term of the outer loss, "bce" (mean over tasks of each
       task's BCE) or "auc" (``pairwise_auc_loss`` over the pooled query rows).
+    cold_in_outer: flow tasks also score the cold embedding e_0 on the query
+      (the protocol's cold phase), averaged with the warm phases.
   """
   inner_steps: int = 3
   beta: float = 0.1
@@ -68,6 +70,7 @@ class MetaConfig:
   rule: str = "sgd"
   phase_alpha: bool = False
   outer_loss: str = "bce"
+  cold_in_outer: bool = False
 
 
 def init_alpha(alpha: float, mode: str, dim: int, phases: int = 0) -> jnp.ndarray:
@@ -164,15 +167,21 @@ def cold_embedding(meta_params: dict[str, Any], mapper: align.Mapper | None,
   With a mapper, e_0 = g_phi(r_i [, side_i]); without one (the no-align
   ablation) e_0 is a single learned vector ``meta_params["e0"]``.  During
   cross-fitted meta-training ``frozen["e0_table"]`` holds fixed out-of-fold
-  starts instead.
+  mapper outputs instead.  With a learned ``meta_params["shrink"]`` s the
+  mapper output g is pulled toward the old items' mean embedding
+  ``frozen["center"]``: e_0 = center + s * (g - center).
   """
-  if "e0_table" in frozen:  # out-of-fold starts of old items (cross-fitting)
-    return frozen["e0_table"][items]
   if mapper is None:
     return jnp.broadcast_to(meta_params["e0"], items.shape + meta_params["e0"].shape)
-  side = frozen.get("side")
-  return mapper.apply(meta_params["phi"], frozen["r"][items],
-                      None if side is None else side[items])
+  if "e0_table" in frozen:  # out-of-fold starts of old items (cross-fitting)
+    e = frozen["e0_table"][items]
+  else:
+    side = frozen.get("side")
+    e = mapper.apply(meta_params["phi"], frozen["r"][items],
+                     None if side is None else side[items])
+  if "shrink" in meta_params:  # trust in the mapped prior, learned with the rule
+    e = frozen["center"] + meta_params["shrink"] * (e - frozen["center"])
+  return e
 
 
 def _rows(batch: dict[str, jnp.ndarray], prefix: str) -> dict[str, jnp.ndarray]:
@@ -251,12 +260,18 @@ def flow_task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
     logits = warmup.item_logits(model, frozen["params"], frozen["tables"], e, query)
     return e, (backbones.bce_loss(logits, query["labels"], query["mask"]), logits)
 
-  _, (l_phases, logits) = jax.lax.scan(phase, e0, (support, alphas))
+  _, (l_warm, logits) = jax.lax.scan(phase, e0, (support, alphas))
+  l_phases = l_warm
   l_support = loss_fn(e0, jax.tree.map(lambda x: x[0], support))
+  logits0 = warmup.item_logits(model, frozen["params"], frozen["tables"], e0, query)
+  l_cold = backbones.bce_loss(logits0, query["labels"], query["mask"])
+  if cfg.cold_in_outer:
+    l_phases = jnp.concatenate([l_cold[None], l_phases])
+    logits = jnp.concatenate([logits0[None], logits])
   outer = cfg.beta * l_support + (1 - cfg.beta) * l_phases.mean()
-  return outer, {"support_e0": l_support, "query_e0": loss_fn(e0, query),
-                 "query_e1": l_phases[0], "query_eT": l_phases[-1],
-                 "query_logits": logits}
+  return outer, {"support_e0": l_support, "query_e0": l_cold,
+                 "query_e1": l_warm[0],
+                 "query_eT": l_phases[-1], "query_logits": logits}
 
 
 def pairwise_auc_loss(logits: jnp.ndarray, labels: jnp.ndarray,

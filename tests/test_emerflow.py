@@ -85,14 +85,19 @@ def test_rule_learned_on_an_auxiliary_backbone_carries_only_the_step_sizes(tmp_p
   alpha = np.asarray(state["params"]["log_alpha"])
   assert alpha.shape == (3,)  # one scalar step size per warm phase
   assert not np.allclose(alpha, np.log(ctx.config.meta.alpha))  # it was learned
+  assert float(state["params"]["shrink"]) != 1.0  # so was the trust in the prior
   assert (tmp_path / "rule" / "meta").exists() and (tmp_path / "rule" / "align").exists()
   assert not (tmp_path / "meta").exists()  # nothing meta-trained on the main backbone
-  # The cold map is the main backbone's own mapper, not the auxiliary one.
+  # The cold map is the main backbone's own mapper (not the auxiliary one),
+  # shrunk toward the main backbone's mean old-item embedding by the learned s.
   _, plain_ctx = _context(tmp_path / "plain", "emerflow", **{"meta.epochs": 0})
   plain = method.fit(plain_ctx)
-  cold = method.cold(ctx, state, ctx.split.emerging_items)
-  np.testing.assert_allclose(cold, method.cold(plain_ctx, plain, ctx.split.emerging_items),
-                             rtol=1e-6, atol=1e-7)
+  assert float(plain["params"]["shrink"]) == 1.0
+  g = method.cold(plain_ctx, plain, ctx.split.emerging_items)
+  center = np.asarray(ctx.old_item_embeddings()).mean(0)
+  want = center + float(state["params"]["shrink"]) * (np.asarray(g) - center)
+  np.testing.assert_allclose(method.cold(ctx, state, ctx.split.emerging_items), want,
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_rule_holdout_refuses_to_transfer_a_trained_cold_map(tmp_path):

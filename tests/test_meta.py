@@ -308,3 +308,36 @@ def test_adapt_items_uses_the_step_size_of_its_phase(world, flow):
   n = meta.adapt_items._cache_size()
   meta.adapt_items(flow["meta_params"], world["model"], cfg, fr, emb, batch, 0)
   assert meta.adapt_items._cache_size() == n  # the phase is traced, not static
+
+
+def test_cold_phase_joins_the_outer_average(world, flow):
+  """cold_in_outer: the query loss at e_0 is averaged with the P warm phases."""
+  args = (flow["meta_params"], world["model"], world["mapper"])
+  task = _one_task(flow["batch"], 2)
+  fr = world["frozen"]
+  warm, aux = meta.task_loss(*args, _flow_cfg(beta=0.2), fr, task)
+  both, aux2 = meta.task_loss(*args, _flow_cfg(beta=0.2, cold_in_outer=True), fr, task)
+  # outer = 0.2 * support + 0.8 * mean(phases): recover the phase means and compare.
+  mean_warm = (warm - 0.2 * aux["support_e0"]) / 0.8
+  mean_both = (both - 0.2 * aux2["support_e0"]) / 0.8
+  np.testing.assert_allclose(mean_both, (aux["query_e0"] + 3 * mean_warm) / 4, rtol=1e-5)
+  assert aux2["query_logits"].shape[0] == 4 and aux["query_logits"].shape[0] == 3
+
+
+def test_shrink_pulls_the_mapped_prior_toward_the_center(world):
+  fr = dict(world["frozen"], center=jnp.asarray([0.5, -0.5, 0.25, 0.0]))
+  items = jnp.asarray([0, 3, 5])
+  g = meta.cold_embedding(world["meta_params"], world["mapper"], fr, items)
+  for s in (1.0, 0.3, 0.0):
+    p = dict(world["meta_params"], shrink=jnp.asarray(s))
+    got = meta.cold_embedding(p, world["mapper"], fr, items)
+    np.testing.assert_allclose(got, fr["center"] + s * (g - fr["center"]), rtol=1e-6,
+                               atol=1e-7)
+  # The shrink gets an outer gradient even when the mapper itself is frozen.
+  b = {k: jnp.asarray(v) for k, v in world["batch"].items()}
+  p = dict(world["meta_params"], shrink=jnp.asarray(0.8))
+  cfg = meta.MetaConfig(inner_steps=2, train_init=False)
+  grads = jax.grad(lambda q: meta.batch_loss(q, world["model"], world["mapper"], cfg, fr,
+                                             b)[0])(p)
+  assert float(jnp.abs(grads["shrink"])) > 1e-6
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(grads["phi"]))
