@@ -62,8 +62,8 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.meta.alpha = 1e-2             # initial inner step size (= warmup.lr for the adam rule)
   c.meta.alpha_mode = "scalar"    # scalar|per_dim (Meta-SGD; a learned rule moves to another backbone only as a scalar)
   c.meta.learn_alpha = True       # learn alpha (in log space) in the outer loop
-  c.meta.learn_shrink = True      # learn s in e0 = mean + s * (g_phi(r) - mean): how far to trust the prior
-  c.meta.cold_in_outer = True     # flow tasks also score e0 on the query (the cold phase)
+  c.meta.learn_shrink = False     # learn s in e0 = mean + s * (g_phi(r) - mean) (off: validation AUC lower on both backbones)
+  c.meta.cold_in_outer = False    # flow tasks also score e0 on the query (the cold phase; only matters with learn_shrink)
   c.meta.train_init = False       # outer loss also trains the cold map (phi / e0)
   c.meta.crossfit_folds = 2       # meta-tasks start from out-of-fold mapper outputs (1 = off)
   c.meta.holdout_fraction = 0.0   # old items kept out of pretraining, used only as meta-tasks
