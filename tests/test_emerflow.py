@@ -71,7 +71,8 @@ def test_warm_phases_only_move_item_embeddings(tmp_path):
 def test_rule_learned_on_an_auxiliary_backbone_carries_only_the_step_sizes(tmp_path):
   """rule_holdout: alpha comes from items the auxiliary backbone never saw."""
   from emerflow_jax import pretrain, tasks  # pylint: disable=g-import-not-at-top
-  method, ctx = _context(tmp_path, "emerflow", **{"meta.rule_holdout": 0.4})
+  shrink = {"meta.learn_shrink": True, "meta.cold_in_outer": True}
+  method, ctx = _context(tmp_path, "emerflow", **{"meta.rule_holdout": 0.4}, **shrink)
   method.configure(ctx.config)
   assert method.rule_holdout == 0.4
   aux_split, held = protocol.carve_validation(ctx.split, ctx.ds, 0.4, 0,
@@ -90,7 +91,7 @@ def test_rule_learned_on_an_auxiliary_backbone_carries_only_the_step_sizes(tmp_p
   assert not (tmp_path / "meta").exists()  # nothing meta-trained on the main backbone
   # The cold map is the main backbone's own mapper (not the auxiliary one),
   # shrunk toward the main backbone's mean old-item embedding by the learned s.
-  _, plain_ctx = _context(tmp_path / "plain", "emerflow", **{"meta.epochs": 0})
+  _, plain_ctx = _context(tmp_path / "plain", "emerflow", **{"meta.epochs": 0}, **shrink)
   plain = method.fit(plain_ctx)
   assert float(plain["params"]["shrink"]) == 1.0
   g = method.cold(plain_ctx, plain, ctx.split.emerging_items)
