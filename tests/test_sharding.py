@@ -114,15 +114,20 @@ def _four_device_checks(workdir: str) -> dict:
   config.meta.epochs = 1
   config.meta.batch_tasks = 6
   config.meta.inner_steps = 2
+  # The default run: flow tasks, one step size per phase, the pooled pairwise
+  # loss (a reduction over every device's tasks).
+  assert config.meta.tasks == "flow" and config.meta.outer_loss == "auc"
+  flow_params = dict(meta_params, log_alpha=meta.init_alpha(
+      0.5, "per_dim", 4, len(protocol.WARM_PHASES)))
   trained = {}
   for name, mesh in (("one", one), ("four", four)):
     ctx = methods.Context(config=config, ds=ds, split=split, model=model,
                           params=frozen["params"], tables=frozen["tables"],
                           key=jax.random.key(1),
                           workdir=pathlib.Path(workdir) / name)
-    trained[name] = emerflow.run_meta_training(ctx, mapper, meta_params, frozen, mesh)
+    trained[name] = emerflow.run_meta_training(ctx, mapper, flow_params, frozen, mesh)
   out["train_param_diff"] = _max_diff(trained["four"], trained["one"])
-  out["train_moved"] = _max_diff(trained["one"], meta_params)
+  out["train_moved"] = _max_diff(trained["one"], flow_params)
   return out
 
 
