@@ -261,6 +261,12 @@ def test_pairwise_auc_loss_matches_a_loop_over_pairs():
   bad = meta.pairwise_auc_loss(np.array([-9., -8., 8., 9.]), y1, np.ones(4))
   assert float(good) < 1e-6 < 16 < float(bad)
   assert float(meta.pairwise_auc_loss(s, np.ones_like(y), m)) == 0.0  # no pair
+  # Blockwise (memory-bounded) summation: same value and gradient.
+  dense = jax.value_and_grad(meta.pairwise_auc_loss)(s, y, m)
+  for block in (4, 7):
+    blocked = jax.value_and_grad(meta.pairwise_auc_loss)(s, y, m, block)
+    np.testing.assert_allclose(blocked[0], dense[0], rtol=1e-6)
+    np.testing.assert_allclose(blocked[1], dense[1], rtol=1e-5, atol=1e-7)
 
 
 def test_auc_outer_loss_pools_the_query_rows_of_every_task(world, flow):
