@@ -125,6 +125,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim.epochs = 1
   c.align.steps = 20
   c.meta.epochs = 1
+  c.meta.inner_steps = 2
   c.warmup.steps = 2
   c.metaemb.epochs = 1
   c.mwuf.epochs = 1
