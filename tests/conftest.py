@@ -27,10 +27,11 @@ import jax
 import numpy as np
 import pytest
 
-from emerflow_jax import pretrain, protocol, tasks
+from emerflow_jax import methods, pretrain, protocol, tasks
 from emerflow_jax.data import dataset as dataset_lib
 from emerflow_jax.data import paths, synthetic
 from emerflow_jax.models import backbones
+from experiments.configs import common
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_N, TINY_K = 40, 5
@@ -193,3 +194,24 @@ def experiment_argv():
     return [sys.executable, "-m", "experiments.run", *flags, f"--workdir={workdir}"]
 
   return argv
+
+
+@pytest.fixture
+def tiny_context(tiny_ds, tiny_split, tiny_backbone, tmp_path):
+  """make(**{"section.field": value}) -> a methods.Context on the tiny world.
+
+  The shared setup of the baseline tests: the tiny split, its pretrained
+  DeepFM, a synthetic base config with 3 warm-up steps (overrides applied on
+  top), and a fresh method folder.
+  """
+  def make(**overrides):
+    config = common.base_config("synthetic", n_max=TINY_N, k=TINY_K)
+    config.warmup.steps = 3
+    for key, value in overrides.items():
+      section, field = key.split(".")
+      config[section][field] = value
+    return methods.Context(config=config, ds=tiny_ds, split=tiny_split,
+                           model=tiny_backbone.model, params=tiny_backbone.params,
+                           tables=tiny_backbone.tables, key=jax.random.key(1),
+                           workdir=tmp_path / "method")
+  return make

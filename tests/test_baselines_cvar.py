@@ -5,25 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emerflow_jax import methods, protocol, tasks, train
+from emerflow_jax import tasks, train
 from emerflow_jax.baselines import cvar
 from emerflow_jax.models import backbones
-from experiments.configs import common
 
 
 @pytest.fixture
-def ctx(tiny_ds, tiny_split, tiny_backbone, tmp_path):
+def ctx(tiny_context):
   """The shared tiny world and its pretrained DeepFM."""
-  config = common.base_config("synthetic", n_max=40, k=5)
-  config.cvar.epochs = 3
-  config.cvar.iters = 2
-  config.cvar.batch_size = 128
-  config.cvar.lr = 1e-2
-  config.warmup.steps = 3
-  return methods.Context(config=config, ds=tiny_ds, split=tiny_split,
-                         model=tiny_backbone.model, params=tiny_backbone.params,
-                         tables=tiny_backbone.tables, key=jax.random.key(1),
-                         workdir=tmp_path / "method")
+  return tiny_context(**{"cvar.epochs": 3, "cvar.iters": 2, "cvar.batch_size": 128,
+                         "cvar.lr": 1e-2})
 
 
 def test_wasserstein_matches_closed_form():

@@ -8,24 +8,12 @@ import pytest
 from emerflow_jax import methods, tasks, train
 from emerflow_jax.baselines import metaemb
 from emerflow_jax.models import backbones
-from experiments.configs import common
-
-
-def _config():
-  config = common.base_config("synthetic", n_max=40, k=5)
-  config.metaemb.epochs = 2
-  config.metaemb.batch_tasks = 8
-  config.warmup.steps = 3
-  return config
 
 
 @pytest.fixture
-def ctx(tiny_ds, tiny_split, tiny_backbone, tmp_path):
+def ctx(tiny_context):
   """The shared tiny world and its pretrained DeepFM."""
-  return methods.Context(config=_config(), ds=tiny_ds, split=tiny_split,
-                         model=tiny_backbone.model, params=tiny_backbone.params,
-                         tables=tiny_backbone.tables, key=jax.random.key(1),
-                         workdir=tmp_path / "method")
+  return tiny_context(**{"metaemb.epochs": 2, "metaemb.batch_tasks": 8})
 
 
 def _field_stack(ctx, users, items, item_emb):
@@ -45,10 +33,11 @@ def _field_stack(ctx, users, items, item_emb):
 
 
 def test_inner_step_is_one_hand_computed_sgd_step(tiny_ds, tiny_split, random_params,
-                                                  tmp_path):
+                                                  tiny_context, tmp_path):
   model = backbones.make_backbone("fm", tiny_ds, 4)
   tables = backbones.make_tables(tiny_ds)
-  ctx = methods.Context(config=_config(), ds=tiny_ds, split=tiny_split, model=model,
+  config = tiny_context(**{"metaemb.epochs": 2, "metaemb.batch_tasks": 8}).config
+  ctx = methods.Context(config=config, ds=tiny_ds, split=tiny_split, model=model,
                         params=random_params(model, tables), tables=tables,
                         key=jax.random.key(1), workdir=tmp_path)
   rows = tasks.pack_rows(ctx.ds, [ctx.split.meta_chunks[0][0]], 8)

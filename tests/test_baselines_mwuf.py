@@ -1,27 +1,17 @@
 """MWUF: the shift reads the right users (item -> its users, only rows seen)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emerflow_jax import methods, protocol, tasks, train
+from emerflow_jax import protocol, tasks, train
 from emerflow_jax.baselines import mwuf
-from emerflow_jax.models import backbones
-from experiments.configs import common
 
 
 @pytest.fixture
-def ctx(tiny_ds, tiny_split, tiny_backbone, tmp_path):
+def ctx(tiny_context):
   """The shared tiny world and its pretrained DeepFM."""
-  config = common.base_config("synthetic", n_max=40, k=5)
-  config.mwuf.epochs = 2
-  config.mwuf.batch_size = 128
-  config.warmup.steps = 3
-  return methods.Context(config=config, ds=tiny_ds, split=tiny_split,
-                         model=tiny_backbone.model, params=tiny_backbone.params,
-                         tables=tiny_backbone.tables, key=jax.random.key(1),
-                         workdir=tmp_path / "method")
+  return tiny_context(**{"mwuf.epochs": 2, "mwuf.batch_size": 128})
 
 
 def test_user_sums_group_users_under_their_item():
