@@ -296,13 +296,21 @@ def plot(summary: dict, path: pathlib.Path) -> None:
   fig, axes = plt.subplots(1, len(backbones), figsize=(5 * len(backbones), 4),
                            squeeze=False, sharey=True)
   x = np.arange(len(PHASES))
+  # One fixed colour per method across panels (tab20 beyond 10 methods), and
+  # EmerFlow's ablations and source variants dashed, so no two lines look alike.
+  names = list(dict.fromkeys(r["method"] for r in rows))
+  cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+  color = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
   for ax, backbone in zip(axes[0], backbones):
     for r in (r for r in rows if r["backbone"] == backbone):
       m = np.asarray([r["auc"][p]["mean"] for p in PHASES])
       s = np.asarray([r["auc"][p]["std"] for p in PHASES])
-      line, = ax.plot(x, m, marker="o", label=r["method"],
-                      linewidth=2.5 if r["method"] == REFERENCE else 1.5)
-      ax.fill_between(x, m - s, m + s, alpha=0.15, color=line.get_color())
+      name = r["method"]
+      variant = name != REFERENCE and name.startswith(REFERENCE)
+      ax.plot(x, m, marker="o", label=name, color=color[name],
+              linestyle="--" if variant else "-",
+              linewidth=2.5 if name == REFERENCE else 1.5)
+      ax.fill_between(x, m - s, m + s, alpha=0.12, color=color[name])
     ax.set_xticks(x, PHASES)
     ax.set_title(f"{summary['dataset']} / {backbone}")
     ax.set_xlabel("phase")
