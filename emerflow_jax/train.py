@@ -90,26 +90,26 @@ def run_seed(config: ml_collections.ConfigDict, ds, split: protocol.Split,
   model = backbones.make_backbone(config.backbone, ds, config.model.dim,
                                   config.model.mlp, config.model.cross_layers)
   tables = backbones.make_tables(ds)
-  base = tasks.pack_flat(ds, split_s.base_rows)
   dropout = method.item_dropout
-  params = pretrain.pretrain_backbone(
-      model, tables, base, k_pre, epochs=config.optim.epochs,
-      batch_size=config.optim.batch_size, lr=config.optim.lr,
-      ckpt_dir=backbone_dir(config, workdir, seed, dropout, method.meta_holdout),
-      item_dropout=dropout, weight_decay=config.optim.weight_decay)
+
+  def pretrain_on(old: protocol.Split, rule_key: Any = 0.0) -> Any:
+    """The backbone pretrained on ``old``'s base rows (cached by what it depends on)."""
+    return pretrain.pretrain_backbone(
+        model, tables, tasks.pack_flat(ds, old.base_rows), k_pre,
+        epochs=config.optim.epochs, batch_size=config.optim.batch_size,
+        lr=config.optim.lr,
+        ckpt_dir=backbone_dir(config, workdir, seed, dropout, method.meta_holdout,
+                              rule_key),
+        item_dropout=dropout, weight_decay=config.optim.weight_decay)
+
+  params = pretrain_on(split_s)
   rule = None
   if method.rule_holdout > 0:
     # An auxiliary backbone that never sees some old items: meta-tasks on them
     # look like emerging items do to the main backbone.
     aux_split, held = protocol.carve_validation(split_s, ds, method.rule_holdout,
                                                 seed + 104729, method.rule_pick)
-    aux_params = pretrain.pretrain_backbone(
-        model, tables, tasks.pack_flat(ds, aux_split.base_rows), k_pre,
-        epochs=config.optim.epochs, batch_size=config.optim.batch_size,
-        lr=config.optim.lr,
-        ckpt_dir=backbone_dir(config, workdir, seed, dropout, method.meta_holdout,
-                              (method.rule_holdout, method.rule_pick)),
-        item_dropout=dropout, weight_decay=config.optim.weight_decay)
+    aux_params = pretrain_on(aux_split, (method.rule_holdout, method.rule_pick))
     rule = methods.RuleBackbone(params=aux_params, split=aux_split, items=held.items)
   t_pre = time.time()
   ctx = methods.Context(config=config, ds=ds, split=split_s, model=model,
