@@ -37,6 +37,17 @@ def _one_task(batch, i):
   return {k: v[i] for k, v in batch.items() if k != "task_mask"}
 
 
+def _garble_padding(b):
+  """``b`` with junk in every padded row and every masked task."""
+  garbled = dict(b)
+  for side in ("support", "query"):
+    m = b[f"{side}/mask"] == 0
+    garbled[f"{side}/users"] = jnp.where(m, 7, b[f"{side}/users"])
+    garbled[f"{side}/labels"] = jnp.where(m, 1.0, b[f"{side}/labels"])
+  garbled["item"] = jnp.where(b["task_mask"] == 0, 3, b["item"])
+  return garbled
+
+
 @pytest.mark.parametrize("first_order", [False, True])
 def test_vmapped_loss_and_grad_equal_task_loop(world, first_order):
   cfg = meta.MetaConfig(inner_steps=2, first_order=first_order)
@@ -86,15 +97,9 @@ def test_padded_rows_and_tasks_have_no_effect(world):
   b = {k: jnp.asarray(v) for k, v in world["batch"].items()}
   args = (world["meta_params"], world["model"], world["mapper"], cfg, world["frozen"])
   loss, _ = meta.batch_loss(*args, b)
-  garbled = dict(b)
-  for side in ("support", "query"):
-    m = b[f"{side}/mask"] == 0
-    garbled[f"{side}/users"] = jnp.where(m, 7, b[f"{side}/users"])
-    garbled[f"{side}/labels"] = jnp.where(m, 1.0, b[f"{side}/labels"])
   dead = b["task_mask"] == 0
-  garbled["item"] = jnp.where(dead, 3, b["item"])
   assert int((b["support/mask"] == 0).sum()) > 0 and int(dead.sum()) > 0
-  loss2, _ = meta.batch_loss(*args, garbled)
+  loss2, _ = meta.batch_loss(*args, _garble_padding(b))
   np.testing.assert_allclose(loss, loss2, rtol=1e-6)
 
 
@@ -231,14 +236,9 @@ def test_flow_padded_rows_and_tasks_have_no_effect(world, flow):
     args = (flow["meta_params"], world["model"], world["mapper"], cfg, world["frozen"])
     b = flow["batch"]
     loss, _ = meta.batch_loss(*args, b)
-    garbled = dict(b)
-    for side in ("support", "query"):
-      m = b[f"{side}/mask"] == 0
-      garbled[f"{side}/users"] = jnp.where(m, 7, b[f"{side}/users"])
-      garbled[f"{side}/labels"] = jnp.where(m, 1.0, b[f"{side}/labels"])
     dead = b["task_mask"] == 0
     assert int(dead.sum()) > 0
-    loss2, _ = meta.batch_loss(*args, garbled)
+    loss2, _ = meta.batch_loss(*args, _garble_padding(b))
     np.testing.assert_allclose(loss, loss2, rtol=1e-6)
 
 
