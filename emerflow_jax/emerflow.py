@@ -1,7 +1,7 @@
 """EmerFlow as a method on the shared harness, and its three ablations.
 
 ``fit`` runs stages 2 and 3 on old items (stage 1, the LLM enrichment, is
-loaded from disk by the harness as ``ctx.item_vectors``):
+loaded from disk by the harness as ``ctx.vectors``):
 
 1. standardise r_i with old-item statistics;
 2. align: train g_phi so that g_phi(r_i) matches the pretrained ID embedding
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 from typing import Any
 
 import jax
@@ -36,7 +37,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from emerflow_jax import align, checkpoint, meta, methods, protocol, sharding, tasks
+from emerflow_jax import align, checkpoint, curves, meta, methods, protocol, sharding, tasks
 
 
 def meta_config(cfg: ml_collections.ConfigDict) -> meta.MetaConfig:
@@ -67,6 +68,28 @@ def build_tasks(ctx: methods.Context, split: protocol.Split,
 
 # The learned rule: what carries over from an auxiliary backbone.
 RULE_PARAMS = ("log_alpha", "shrink")
+# Config sections each stage reads (their cache keys cover exactly these,
+# plus the backbone the stage is built on).
+ALIGN_SECTIONS = ("enrich", "align")
+META_SECTIONS = ("enrich", "align", "meta")
+
+
+def _check_meta_options(config: ml_collections.ConfigDict) -> None:
+  """Raises on option combinations where an option would have no effect."""
+  m = config.meta
+  if m.rule_holdout > 0 and m.train_init:
+    raise ValueError("meta.rule_holdout > 0 learns the rule on an auxiliary backbone "
+                     "and transfers only the step sizes; it needs meta.train_init=False")
+  if m.crossfit_folds > 1 and (m.rule_holdout > 0 or m.holdout_fraction > 0):
+    raise ValueError("meta.crossfit_folds > 1 starts meta-tasks from out-of-fold mapper "
+                     "outputs of in-sample items; with meta.rule_holdout or "
+                     "meta.holdout_fraction > 0 the tasks are held out already and it "
+                     "would have no effect: set meta.crossfit_folds=1")
+  if m.cold_in_outer and not m.learn_shrink:
+    raise ValueError("meta.cold_in_outer scores the cold phase, which only "
+                     "meta.learn_shrink can change: set learn_shrink=True or turn it off")
+  if m.phase_alpha and m.tasks != "flow":
+    raise ValueError("meta.phase_alpha needs meta.tasks='flow'")
 
 
 def outer_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -85,6 +108,7 @@ def outer_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformat
 
 def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
                       params: dict[str, Any], frozen: dict[str, Any],
+                      ckpt_dir: pathlib.Path, task_items: np.ndarray | None = None,
                       mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Meta-trains ``params`` (phi and/or e0, alpha) on old-item tasks; resumable.
 
@@ -106,10 +130,11 @@ def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
   seed = int(jax.random.randint(jax.random.fold_in(ctx.key, 11), (), 0, 2**30))
   epochs = int(cfg.meta.epochs)
   task_split = ctx.split
-  if ctx.meta_items is not None:
-    task_split = protocol.chunk_items(ctx.ds, ctx.split, ctx.meta_items)
-    logging.info("meta: %d tasks' items held out of pretraining", len(ctx.meta_items))
-  with checkpoint.Checkpointer(ctx.workdir / "meta") as ckpt:
+  if task_items is not None:
+    # ``task_items``: old items held out of the backbone's pretraining.
+    task_split = protocol.chunk_items(ctx.ds, ctx.split, task_items)
+    logging.info("meta: %d tasks' items held out of pretraining", len(task_items))
+  with checkpoint.Checkpointer(ckpt_dir) as ckpt:
     state, done = ckpt.restore_or(state)
     start = int(done or 0)
     if done is not None:
@@ -133,6 +158,9 @@ def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
       logging.info("meta: epoch %d/%d step %d loss %.4f query L(e0) %.4f -> L(eT) %.4f "
                    "alpha %s", epoch + 1, epochs, int(state["step"]), m["loss"],
                    m["query_e0"], m["query_eT"], per_phase)
+      curves.write(curves.prefixed(ctx.writer, ckpt_dir.name.split("-")[0]), epoch + 1,
+                   dict(m, **{f"alpha_{i}": a for i, a in enumerate(
+                       np.atleast_1d(alpha).reshape(np.atleast_1d(alpha).shape[0], -1).mean(1))}))
       ckpt.save(epoch + 1, state)
   return jax.tree.map(jnp.asarray, sharding.gather(state["params"]))
 
@@ -168,23 +196,53 @@ def refine_items(meta_params: dict[str, Any], model, mcfg: meta.MetaConfig,
 class EmerFlow(methods.Method):
   """The full method: LLM vectors -> aligned cold embedding -> meta-learned rule."""
   name = "emerflow"
-  needs_vectors = True
+  vector_source: str | None = None  # overrides enrich.source (the no-LLM ablation)
   use_align = True
   use_meta = True
 
-  def configure(self, config: ml_collections.ConfigDict) -> None:
+  def plan(self, config: ml_collections.ConfigDict) -> methods.Plan:
+    """Backbones: main (minus ``meta.holdout_fraction`` of old items kept for
+    meta-tasks) and, with ``meta.rule_holdout`` > 0, "rule": an auxiliary
+    backbone without that share of main's old items, on which the rule is
+    meta-learned.  Combinations that would leave an option without effect
+    are errors."""
+    m = config.meta
+    specs = [methods.BackboneSpec()]
     if self.use_meta:
-      self.meta_holdout = float(config.meta.holdout_fraction)
-      self.rule_holdout = float(config.meta.rule_holdout)
-      self.rule_pick = str(config.meta.rule_pick)
-      if self.rule_holdout > 0 and config.meta.train_init:
-        raise ValueError("meta.rule_holdout > 0 learns the rule on an auxiliary backbone "
-                         "and transfers only the step sizes; it needs meta.train_init=False")
+      _check_meta_options(config)
+      if m.holdout_fraction > 0:
+        specs = [methods.BackboneSpec(leave_out=float(m.holdout_fraction), carve_salt=7919)]
+      if m.rule_holdout > 0:
+        specs.append(methods.BackboneSpec(role="rule", leave_out=float(m.rule_holdout),
+                                          pick=str(m.rule_pick), carve_salt=104729))
+    source = self.vector_source or str(config.enrich.source)
+    return methods.Plan(backbones=tuple(specs),
+                        vectors=source if self.use_align else None,
+                        sections=("enrich", "align", "meta"),
+                        search_space=self.search_space())
+
+  def search_space(self) -> dict[str, Any]:
+    """The rule's and the alignment's settings (the warm-up is the rule's)."""
+    from emerflow_jax import space  # pylint: disable=g-import-not-at-top
+    out = {"align.lam": space.Float(0.01, 1.0, log=True),
+           "align.weight_decay": space.Float(1e-5, 1e-2, log=True)}
+    if not self.use_align:
+      out = {}
+    if self.use_meta:
+      out.update({"meta.alpha": space.Float(3e-3, 3e-2, log=True),
+                  "meta.alpha_lr": space.Float(1e-3, 1e-1, log=True),
+                  "meta.beta": space.Float(0.0, 0.5),
+                  "meta.rule_holdout": space.Float(0.2, 0.5)})
+    else:
+      out.update(methods.warmup_space())
+    return out
 
   def fit(self, ctx: methods.Context) -> dict[str, Any]:
     cfg = ctx.config
     n_items = ctx.ds.n_items
-    r = align.standardize(np.asarray(ctx.item_vectors, np.float32), ctx.split.old_items)
+    # The no-align ablation reads no vectors: a zero r_i stands in (unused).
+    vectors = ctx.vectors if ctx.vectors is not None else np.zeros((n_items, 1))
+    r = align.standardize(np.asarray(vectors, np.float32), ctx.split.old_items)
     side = None
     if cfg.align.use_fields:
       side = align.item_side_embeddings(ctx.params, ctx.tables, jnp.arange(n_items))
@@ -204,16 +262,21 @@ class EmerFlow(methods.Method):
       if self.use_meta and cfg.meta.learn_shrink:
         params["shrink"] = jnp.ones((), jnp.float32)
       folds = int(cfg.meta.crossfit_folds)
-      if (self.use_meta and folds > 1 and ctx.meta_items is None
-          and ctx.rule_backbone is None):
+      if self.use_meta and folds > 1:  # the plan allows it only without held-out items
         meta_frozen = dict(frozen, e0_table=self._crossfit(ctx, mapper, r, side, folds))
     else:
       params = {"e0": jnp.mean(ctx.old_item_embeddings(), 0), "log_alpha": alpha}
-    if self.use_meta and ctx.rule_backbone is not None:
+    if self.use_meta and (cfg.meta.rule_holdout > 0) != ("rule" in ctx.backbones):
+      raise ValueError("meta.rule_holdout > 0 needs the 'rule' backbone of the plan "
+                       "(and only then): run the method through train.py")
+    if self.use_meta and "rule" in ctx.backbones:
       params = dict(params, **self._rule_on_aux(ctx, mapper, r, params))
     elif self.use_meta:
-      params = run_meta_training(ctx, mapper, params, meta_frozen)
-    return {"params": params, "mapper": mapper, "frozen": frozen, "phase": 0}
+      held = ctx.backbones["main"].held
+      params = run_meta_training(ctx, mapper, params, meta_frozen,
+                                 ctx.stage_dir("meta", META_SECTIONS),
+                                 held if len(held) else None)
+    return {"params": params, "mapper": mapper, "frozen": frozen}
 
   def _rule_on_aux(self, ctx: methods.Context, mapper: align.Mapper | None,
                    r: np.ndarray, init: dict[str, Any]) -> dict[str, jnp.ndarray]:
@@ -225,9 +288,9 @@ class EmerFlow(methods.Method):
     backbone: from the cold embedding of a mapper that never saw them.  Only
     the rule (``RULE_PARAMS``: step sizes, prior shrink) carries over.
     """
-    aux = ctx.rule_backbone
-    actx = dataclasses.replace(ctx, params=aux.params, split=aux.split,
-                               meta_items=aux.items, workdir=ctx.workdir / "rule")
+    aux = ctx.backbones["rule"]
+    # The auxiliary backbone in main's place: every stage below is keyed by it.
+    actx = dataclasses.replace(ctx, split=aux.split, backbones={"main": aux})
     frozen = {"params": aux.params, "tables": ctx.tables, "r": jnp.asarray(r),
               "center": jnp.mean(actx.old_item_embeddings(), 0)}
     rule = {k: v for k, v in init.items() if k in RULE_PARAMS}
@@ -237,12 +300,13 @@ class EmerFlow(methods.Method):
       frozen["side"] = side
     if mapper is not None:
       params = dict(rule, phi=self._align(actx, mapper, r, side, aux.split.old_items,
-                                          "align", 2))
+                                          "rule-align", 2))
     else:
       params = dict(rule, e0=jnp.mean(actx.old_item_embeddings(), 0))
     logging.info("meta: learning the rule on %d items held out of an auxiliary backbone",
-                 len(aux.items))
-    learned = run_meta_training(actx, mapper, params, frozen)
+                 len(aux.held))
+    learned = run_meta_training(actx, mapper, params, frozen,
+                                actx.stage_dir("rule-meta", META_SECTIONS), aux.held)
     return {k: learned[k] for k in rule}
 
   def _align(self, ctx: methods.Context, mapper: align.Mapper, r: np.ndarray,
@@ -258,7 +322,8 @@ class EmerFlow(methods.Method):
         jax.random.fold_in(ctx.key, salt), steps=int(cfg.align.steps),
         lr=float(cfg.align.lr), lam=float(cfg.align.lam),
         batch_rows=int(cfg.align.batch_rows),
-        weight_decay=float(cfg.align.weight_decay), ckpt_dir=ctx.workdir / name,
+        weight_decay=float(cfg.align.weight_decay),
+        ckpt_dir=ctx.stage_dir(name, ALIGN_SECTIONS, salt=salt),
         holdout=float(cfg.align.holdout))
 
   def _crossfit(self, ctx: methods.Context, mapper: align.Mapper, r: np.ndarray,
@@ -287,12 +352,12 @@ class EmerFlow(methods.Method):
     return meta.cold_embedding(state["params"], state["mapper"], state["frozen"],
                                jnp.asarray(items))
 
-  def refine(self, ctx, state, emb, batch, items):
+  def refine(self, ctx, state, emb, batch, items, phase):
     if not self.use_meta or ctx.config.warmup.rule == "finetune":
-      return super().refine(ctx, state, emb, batch, items)
+      return super().refine(ctx, state, emb, batch, items, phase)
     emb = refine_items(state["params"], ctx.model, meta_config(ctx.config),
-                       state["frozen"], emb, batch, phase=state["phase"])
-    return emb, dict(state, phase=state["phase"] + 1)
+                       state["frozen"], emb, batch, phase=phase)
+    return emb, state
 
 
 class EmerFlowNoLLM(EmerFlow):
@@ -304,13 +369,7 @@ class EmerFlowNoLLM(EmerFlow):
 class EmerFlowNoAlign(EmerFlow):
   """No mapper: meta-learning starts from one learned shared embedding."""
   name = "emerflow_no_align"
-  needs_vectors = False
   use_align = False
-
-  def fit(self, ctx):
-    if ctx.item_vectors is None:
-      ctx.item_vectors = np.zeros((ctx.ds.n_items, 1), np.float32)
-    return super().fit(ctx)
 
 
 class EmerFlowNoMeta(EmerFlow):

@@ -2,10 +2,18 @@
 
 A method turns a frozen pretrained backbone into embeddings for new items:
 
+0. ``plan(config) -> Plan`` says, as data, what it needs from the harness:
+   the backbones to pretrain (which old items each leaves out, the item
+   dropout), the enrichment vectors it reads, the config sections it reads
+   (its cache keys cover exactly those) and its search space for tuning;
 1. ``fit(ctx)`` trains whatever the method needs on old items only;
 2. ``cold(ctx, state, items)`` gives embeddings [n, d] before any row is seen;
-3. ``refine(ctx, state, emb, batch, items)`` updates them after each warm
-   phase from that phase's rows (Packed [n, K]) and returns (emb, state).
+3. ``refine(ctx, state, emb, batch, items, phase)`` updates them after warm
+   phase ``phase`` from that phase's rows (Packed [n, K]), returning
+   (emb, state).
+
+``train.py`` carries out the plan and hands the results to the method in one
+frozen ``Context``; nothing flows back except the method's own state.
 
 The default ``refine`` is the shared batched fine-tuning of ``warmup``, so that
 every method ends in the same refinement and the comparison is fair.  The
@@ -18,69 +26,123 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pathlib
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from emerflow_jax import protocol, warmup
+from emerflow_jax import cache, protocol, warmup
 from emerflow_jax.data import dataset as dataset_lib
 from emerflow_jax.models import backbones
 
 
-@dataclasses.dataclass
-class RuleBackbone:
-  """A second backbone pretrained without some old items (``rule_holdout``).
-
-  To the backbone every old item is in-sample: it has fitted that item's rows,
-  so a meta-task built from them barely gains from adapting and teaches the
-  rule to stand still.  Items held out of this backbone's pretraining are
-  genuinely new to it, like emerging items are to the main backbone; the rule
-  meta-learned on them is then used with the main backbone.
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+  """One backbone a method needs pretrained.
 
   Attributes:
-    params: the auxiliary backbone's parameters (frozen).
-    split: the split it was pretrained on (old items without ``items``).
-    items: the held-out old items (meta-training tasks only).
+    role: the name the method reads it by (``ctx.backbones[role]``); "main"
+      is the backbone every phase is scored with.
+    leave_out: fraction of old items kept out of its pretraining (their rows
+      are never seen by it; the method gets them as ``Pretrained.held``).
+      "main" carves from the split after validation, every other role from
+      main's split.
+    pick: which old items leave: "random" or "fewest_rows" (the old items
+      most like emerging ones).
+    carve_salt: added to the seed of that draw, so two roles draw
+      independently; the values in use are kept so cached backbones stay valid.
+    item_dropout: DropoutNet's per-batch item-embedding replacement rate.
+  """
+  role: str = "main"
+  leave_out: float = 0.0
+  pick: str = "random"
+  carve_salt: int = 0
+  item_dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a method needs from the harness (``Method.plan``), as data.
+
+  Attributes:
+    backbones: the backbones to pretrain; exactly one has role "main".
+    vectors: the enrichment source whose vectors r_i the method reads
+      (``ctx.vectors``), or None.
+    sections: the config sections the method itself reads beyond the shared
+      ones (``SHARED_SECTIONS``).  The method is handed a config holding only
+      those, and every cache key of its run covers exactly them.
+    search_space: dotted config key -> ``space`` parameter, the method's own
+      space for equal-budget tuning.
+  """
+  backbones: tuple[BackboneSpec, ...] = (BackboneSpec(),)
+  vectors: str | None = None
+  sections: tuple[str, ...] = ()
+  search_space: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    roles = [b.role for b in self.backbones]
+    if roles.count("main") != 1 or len(set(roles)) != len(roles):
+      raise ValueError(f"a plan needs one 'main' backbone and distinct roles, got {roles}")
+
+
+# Sections every run reads: the data, the backbone and its pretraining, the
+# shared warm-up and what is evaluated.  ``seed``/``seeds`` are not here: a
+# per-seed artifact is keyed by its own seed.
+SHARED_SECTIONS = ("method", "backbone", "data", "model", "optim", "warmup", "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """A pretrained, frozen backbone and the old items it was trained on.
+
+  Attributes:
+    params: its parameters.
+    split: the split it was pretrained on (``split.old_items``).
+    held: old items left out of its pretraining ([m] ids; empty if none).
+    key: its cache key (stage artifacts built on it include this key).
   """
   params: Any
   split: protocol.Split
-  items: np.ndarray
+  held: np.ndarray
+  key: str
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Context:
   """What a method may use. Nothing in it reveals emerging items' future rows.
 
   Attributes:
-    config: the full run config.
+    config: the run config restricted to ``SHARED_SECTIONS`` and the
+      method's ``Plan.sections``.
     ds: the dataset.
-    split: the split (validation items already removed from old items).
-    model: the backbone module.
-    params: pretrained backbone parameters (frozen).
+    split: main's split (validation items, and any items main leaves out,
+      already removed from the old items).
+    model: the backbone module (every role shares its architecture).
     tables: device feature tables.
     key: this method's PRNG key (per seed).
-    workdir: a directory for this method's checkpoints (per seed).
-    item_vectors: [n_items, D] enrichment vectors r_i, or None if the run
-      does not load any (only methods that need them ask for them).
-    meta_items: old items kept out of pretraining for meta-training tasks
-      (only when the method asks for ``meta_holdout`` > 0), else None.
-    rule_backbone: the auxiliary backbone for meta-training (only when the
-      method asks for ``rule_holdout`` > 0), else None.
+    workdir: this seed's folder; stage artifacts go to ``stage_dir``.
+    backbones: role -> ``Pretrained``, as the plan asked.
+    vectors: [n_items, D] enrichment vectors r_i, or None if the plan asked
+      for none.
+    writer: a ``curves`` writer for the method's training curves, or None.
   """
   config: ml_collections.ConfigDict
   ds: dataset_lib.Dataset
   split: protocol.Split
   model: backbones.Backbone
-  params: Any
   tables: backbones.Tables
   key: jax.Array
   workdir: pathlib.Path
-  item_vectors: np.ndarray | None = None
-  meta_items: np.ndarray | None = None
-  rule_backbone: RuleBackbone | None = None
+  backbones: Mapping[str, Pretrained]
+  vectors: np.ndarray | None = None
+  writer: Any = None
+
+  @property
+  def params(self) -> Any:
+    """Main's pretrained parameters (frozen)."""
+    return self.backbones["main"].params
 
   @property
   def dim(self) -> int:
@@ -91,26 +153,62 @@ class Context:
     table = backbones.item_embedding_table(self.params)
     return jnp.take(table, backbones.item_ids(self.tables, self.split.old_items), 0)
 
+  def stage_dir(self, name: str, sections: Sequence[str],
+                role: str = "main", **extra: Any) -> pathlib.Path:
+    """Folder of a method's trained stage, keyed by what it depends on.
+
+    Args:
+      name: the stage ("align", "meta", ...).
+      sections: the config sections the stage reads (its key covers only
+        those, plus the backbone it is built on and ``extra``).
+      role: the backbone the stage is built on.
+      **extra: anything else it depends on.
+
+    Returns:
+      ``<workdir>/<name>-<key>`` (absolute).
+    """
+    k = cache.key(self.config, sections, backbone=self.backbones[role].key, **extra)
+    return (self.workdir / f"{name}-{k}").absolute()
+
+
+def context_for(config: ml_collections.ConfigDict, ds: dataset_lib.Dataset,
+                split: protocol.Split, model: backbones.Backbone,
+                tables: backbones.Tables, params: Any, key: jax.Array,
+                workdir: pathlib.Path, vectors: np.ndarray | None = None) -> Context:
+  """A Context around one already pretrained backbone (notebooks, tests).
+
+  Args:
+    config: the config the method reads (not restricted).
+    ds: the dataset.
+    split: the split ``params`` was pretrained on.
+    model: the backbone module.
+    tables: its feature tables.
+    params: its pretrained parameters, used as "main".
+    key: the method's PRNG key.
+    workdir: the method's folder.
+    vectors: optional [n_items, D] enrichment vectors.
+
+  Returns:
+    The Context; its "main" backbone has the cache key "given".
+  """
+  main = Pretrained(params=params, split=split, held=np.zeros(0, np.int64), key="given")
+  return Context(config=config, ds=ds, split=split, model=model, tables=tables, key=key,
+                 workdir=pathlib.Path(workdir), backbones={"main": main}, vectors=vectors)
+
 
 class Method:
   """Base class; subclasses override what differs.
 
-  Class attributes:
-    name: registry name.
-    item_dropout: DropoutNet's pretraining dropout (0 = plain pretraining).
-    needs_vectors: whether the run must load enrichment vectors.
-    vector_source: enrichment source forced by the method (the no-LLM ablation).
+  ``plan(config)`` says what the method needs before anything runs; the
+  harness carries it out and calls ``fit(ctx)`` once per seed, then
+  ``cold`` and ``refine`` per item set (validation holdout, emerging items).
+  ``phase`` in ``refine`` is the warm phase's index (0 = warm_a).
   """
   name = "method"
-  item_dropout = 0.0
-  needs_vectors = False
-  vector_source: str | None = None  # overrides config.enrich.source if set
-  meta_holdout = 0.0  # fraction of old items kept out of pretraining for meta-tasks
-  rule_holdout = 0.0  # fraction held out of an auxiliary backbone (RuleBackbone)
-  rule_pick = "random"  # which old items: random | fewest_rows
 
-  def configure(self, config: ml_collections.ConfigDict) -> None:
-    """Reads config before pretraining (e.g. DropoutNet's dropout rate)."""
+  def plan(self, config: ml_collections.ConfigDict) -> Plan:
+    """What the harness must provide; also validates the method's options."""
+    return Plan(search_space=warmup_space())
 
   def fit(self, ctx: Context) -> Any:
     return None
@@ -119,13 +217,34 @@ class Method:
     raise NotImplementedError
 
   def refine(self, ctx: Context, state: Any, emb: jnp.ndarray,
-             batch: dict[str, np.ndarray], items: np.ndarray
+             batch: dict[str, np.ndarray], items: np.ndarray, phase: int
              ) -> tuple[jnp.ndarray, Any]:
+    """Updates ``emb`` [n, d] from warm phase ``phase``'s rows (Packed [n, K]).
+
+    Args:
+      ctx: the run's context.
+      state: what ``fit`` (or the previous phase) returned.
+      emb: [n, d] current embeddings of ``items``.
+      batch: the phase's rows, each [n, K].
+      items: [n] item ids.
+      phase: 0, 1, 2 for warm_a, warm_b, warm_c.
+
+    Returns:
+      (new embeddings [n, d], new state).
+    """
+    del items, phase
     cfg = ctx.config.warmup
     emb = warmup.finetune(ctx.model, ctx.params, ctx.tables, emb,
                           {k: jnp.asarray(v) for k, v in batch.items()},
                           steps=int(cfg.steps), lr=float(cfg.lr))
     return emb, state
+
+
+def warmup_space() -> dict[str, Any]:
+  """The shared fine-tuning's search space, which every method's space includes."""
+  from emerflow_jax import space  # pylint: disable=g-import-not-at-top
+  return {"warmup.lr": space.Float(1e-3, 1e-1, log=True),
+          "warmup.steps": space.Int(2, 20)}
 
 
 # name -> "module:Class"; modules import lazily so one method's deps never

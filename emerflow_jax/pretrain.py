@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from emerflow_jax import checkpoint
+from emerflow_jax import checkpoint, curves
 from emerflow_jax.models import backbones
 
 State = dict[str, Any]
@@ -87,7 +87,8 @@ def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
                       rows: dict[str, np.ndarray], key: jax.Array, epochs: int,
                       batch_size: int, lr: float, ckpt_dir: str | os.PathLike,
                       item_dropout: float = 0.0, weight_decay: float = 0.0,
-                      log: Callable[[str], None] = logging.info) -> Any:
+                      log: Callable[[str], None] = logging.info,
+                      writer: Any = None) -> Any:
   """Pretrains the backbone on ``rows`` and returns its parameters.
 
   Args:
@@ -102,6 +103,7 @@ def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
     item_dropout: DropoutNet's per-batch item-embedding replacement rate.
     weight_decay: optional AdamW decay.
     log: progress logger.
+    writer: optional ``curves`` writer (``loss`` per epoch).
 
   Returns:
     The trained parameters.
@@ -121,7 +123,8 @@ def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
       log(f"pretrain: resumed from epoch {done} in {ckpt.directory}")
     for e in range(start, epochs):
       state, losses = epoch_fn(state, users, items, labels, e)
-      log(f"pretrain: epoch {e + 1}/{epochs} step {int(state['step'])} "
-          f"loss {float(losses.mean()):.4f}")
+      loss = float(losses.mean())
+      log(f"pretrain: epoch {e + 1}/{epochs} step {int(state['step'])} loss {loss:.4f}")
+      curves.write(writer, e + 1, {"loss": loss})
       ckpt.save(e + 1, state)
   return state["params"]

@@ -162,6 +162,18 @@ def carve_validation(split: Split, ds: dataset_lib.Dataset, fraction: float,
   return new, holdout
 
 
+def without_emerging(split: Split) -> Split:
+  """``split`` with every emerging item and its rows removed (tuning runs).
+
+  Model selection must never read a test row; a split without them makes
+  that structural rather than a convention.
+  """
+  empty = np.zeros(0, np.int64)
+  return dataclasses.replace(
+      split, emerging_items=empty, test_rows=empty, test_owner=empty,
+      warm_rows={p: np.zeros((0, split.k), np.int64) for p in split.warm_rows})
+
+
 def chunk_items(ds: dataset_lib.Dataset, split: Split, items: np.ndarray,
                 n_chunks: int = 4) -> Split:
   """A copy of ``split`` whose meta-tasks come from ``items`` instead.

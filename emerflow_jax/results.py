@@ -37,13 +37,19 @@ def summarize(config, dataset: str, per_seed: list[dict], counts: dict,
               total_s: float) -> dict:
   """Builds the results.json dict from per-seed results."""
   phases = list(protocol.PHASES)
+  def per_phase(metric):  # None when a seed did not score it (eval.test=False)
+    if not all(r.get(metric) for r in per_seed):
+      return None
+    return {p: [r[metric][p] for r in per_seed] for p in phases}
+
   out = {"dataset": dataset, "backbone": config.backbone, "method": config.method,
          "config": config.to_dict(), "phases": phases,
-         "auc": {p: [r["auc"][p] for r in per_seed] for p in phases},
-         "f1": {p: [r["f1"][p] for r in per_seed] for p in phases},
-         "seeds": [r["seed"] for r in per_seed], "counts": counts}
-  if all(r.get("val_auc") for r in per_seed):
-    out["val_auc"] = {p: [r["val_auc"][p] for r in per_seed] for p in phases}
+         "auc": per_phase("auc"), "f1": per_phase("f1"),
+         "seeds": [r["seed"] for r in per_seed], "counts": counts,
+         "keys": [r.get("key") for r in per_seed]}
+  for metric in ("val_auc", "val_f1"):
+    if per_phase(metric) is not None:
+      out[metric] = per_phase(metric)
   secs = {k: float(sum(r["seconds"][k] for r in per_seed))
           for k in ("pretrain", "method")}
   secs["total"] = float(total_s)
@@ -109,11 +115,15 @@ def write_run(workdir: pathlib.Path, summary: dict) -> None:
                     summary)
   runs = [summary] + [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))
                       if p.stem != f"{summary['method']}_{summary['backbone']}"]
+  runs = [r for r in runs if r.get("auc")]  # validation-only (tuning) runs have no test
   n = len(summary["seeds"])
-  md = [f"# {summary['dataset']}: test AUC / F1 by phase (mean ± std over {n} seeds)",
-        "", "## AUC", "", markdown_table(runs, "auc", bold_best=True), "",
-        "## F1 (threshold = mean score)", "", markdown_table(runs, "f1", bold_best=True),
-        ""]
+  md = [f"# {summary['dataset']}: test AUC / F1 by phase (mean ± std over {n} seeds)", ""]
+  if runs:
+    md += ["## AUC", "", markdown_table(runs, "auc", bold_best=True), "",
+           "## F1 (threshold = mean score)", "", markdown_table(runs, "f1", bold_best=True),
+           ""]
+  else:
+    md += ["Validation only (eval.test=False): no test row was read.", ""]
   if "val_auc" in summary:
     md += ["## Validation AUC (held-out old items; for model selection)", "",
            markdown_table([dict(summary, auc=summary["val_auc"])], "auc"), ""]
@@ -121,4 +131,5 @@ def write_run(workdir: pathlib.Path, summary: dict) -> None:
   md.append(f"Wall time of the latest run: pretrain {s['pretrain']:.1f} s, "
             f"method {s['method']:.1f} s, total {s['total']:.1f} s.")
   (workdir / "results.md").write_text("\n".join(md) + "\n")
-  plot_auc(runs, workdir / "auc.png", f"{summary['dataset']}: AUC by phase")
+  if runs:
+    plot_auc(runs, workdir / "auc.png", f"{summary['dataset']}: AUC by phase")

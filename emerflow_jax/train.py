@@ -1,17 +1,24 @@
-"""One experiment: data -> protocol -> pretraining -> method -> phases -> metrics.
+"""One experiment: data -> protocol -> the method's plan -> phases -> metrics.
 
 ``train_and_evaluate(config, workdir)`` is what ``experiments/run.py`` calls.
-Resume order (each step skips what is already on disk):
+The method states what it needs (``Method.plan``); this module carries the plan
+out (carves the item sets, pretrains or reuses every backbone, loads the
+vectors), hands the results to the method in one frozen ``Context`` and runs
+the phases.  Everything it keeps is keyed by exactly what it depends on
+(``cache``), so resuming never reuses a stale artifact:
 
-1. per seed, a finished ``<run>/seed_<s>/result.json`` is reused as is;
-2. the pretrained backbone resumes from its Orbax checkpoint (per epoch);
-3. a method's own training resumes from its Orbax checkpoint (see the method);
+1. per seed, ``<workdir>/seed_<s>/result.json`` (+ ``predictions.npz``) is
+   reused only when its key (every config section the run reads, the seed,
+   the code's format version) is the requested one; otherwise it is recomputed;
+2. a pretrained backbone, keyed by data/model/optim/backbone/seed and its
+   ``BackboneSpec``, resumes from its Orbax checkpoint (per epoch) under a
+   file lock, so concurrent runs that need it build it once;
+3. a method's own stages resume from their keyed checkpoints (``stage_dir``);
 4. the aggregate files are rewritten from the per-seed results.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pathlib
@@ -19,122 +26,193 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from emerflow_jax import data, methods, metrics, pretrain, protocol, results, tasks, warmup
+from emerflow_jax import (cache, checkpoint, curves, data, methods, metrics, pretrain,
+                          protocol, results, tasks, warmup)
 from emerflow_jax.models import backbones
 
+BACKBONE_SECTIONS = ("backbone", "data", "model", "optim")
 
-def _hash(obj: Any) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()
-                        ).hexdigest()[:10]
+
+def backbone_key(config: ml_collections.ConfigDict, seed: int,
+                 spec: methods.BackboneSpec, parent: str | None = None) -> str:
+  """The cache key of one pretrained backbone.
+
+  Args:
+    config: the run config.
+    seed: the seed (initialisation, shuffling, the item carve).
+    spec: which old items it leaves out and its item dropout.
+    parent: the key of the backbone whose split it carves from (non-main).
+
+  Returns:
+    A hex key.
+  """
+  return cache.key(config, BACKBONE_SECTIONS, seed=seed, spec=vars(spec), parent=parent)
 
 
 def backbone_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                 seed: int, item_dropout: float,
-                 meta_holdout: float = 0.0, rule_holdout: Any = 0.0) -> pathlib.Path:
-  """Checkpoint folder of a pretrained backbone, keyed by everything it depends on."""
+                 key: str, seed: int) -> pathlib.Path:
+  """Checkpoint folder of a pretrained backbone (shared via ``optim.cache_dir``)."""
   root = pathlib.Path(config.optim.cache_dir or workdir / "backbones").absolute()
-  key = {"data": config.data.to_dict(), "model": config.model.to_dict(),
-         "optim": {k: v for k, v in config.optim.to_dict().items() if k != "cache_dir"},
-         "backbone": config.backbone, "seed": seed, "dropout": item_dropout}
-  if meta_holdout:
-    key["meta_holdout"] = meta_holdout
-  if rule_holdout:
-    key["rule_holdout"] = rule_holdout
-  key["data"].pop("dir", None)
-  key["data"].pop("download", None)
-  return root / f"{config.data.name}-{config.backbone}-s{seed}-{_hash(key)}"
+  return root / f"{config.data.name}-{config.backbone}-s{seed}-{key}"
+
+
+def execute_plan(config: ml_collections.ConfigDict, ds, split: protocol.Split,
+                 plan: methods.Plan, seed: int, workdir: pathlib.Path,
+                 model: backbones.Backbone, tables: backbones.Tables,
+                 writer: Any = None) -> dict[str, methods.Pretrained]:
+  """Pretrains (or reuses) every backbone the plan asks for.
+
+  Args:
+    config: the run config.
+    ds: the dataset.
+    split: the split after the validation carve.
+    plan: the method's plan.
+    seed: the seed.
+    workdir: the run folder (default backbone cache under it).
+    model: the backbone module.
+    tables: its feature tables.
+    writer: optional ``curves`` writer for the pretraining loss.
+
+  Returns:
+    role -> Pretrained; main's split has its left-out items removed.
+  """
+  k_pre = jax.random.split(jax.random.key(seed))[0]
+  specs = sorted(plan.backbones, key=lambda b: b.role != "main")  # main first
+  out: dict[str, methods.Pretrained] = {}
+  for spec in specs:
+    parent = None if spec.role == "main" else out["main"]
+    base = split if parent is None else parent.split
+    own, held = protocol.carve_validation(base, ds, spec.leave_out,
+                                          seed + spec.carve_salt, spec.pick)
+    key = backbone_key(config, seed, spec, None if parent is None else parent.key)
+    ckpt_dir = backbone_dir(config, workdir, key, seed)
+    with cache.locked(ckpt_dir):
+      params = pretrain.pretrain_backbone(
+          model, tables, tasks.pack_flat(ds, own.base_rows), k_pre,
+          epochs=config.optim.epochs, batch_size=config.optim.batch_size,
+          lr=config.optim.lr, ckpt_dir=ckpt_dir, item_dropout=spec.item_dropout,
+          weight_decay=config.optim.weight_decay,
+          writer=curves.prefixed(writer, f"pretrain/{spec.role}"))
+    held_items = np.zeros(0, np.int64) if held is None else held.items
+    out[spec.role] = methods.Pretrained(params=params, split=own, held=held_items,
+                                        key=key)
+  return out
 
 
 def evaluate_items(method: methods.Method, ctx: methods.Context, state: Any,
                    items: np.ndarray, warm_rows: dict[str, np.ndarray],
                    test_rows: np.ndarray, test_owner: np.ndarray
-                   ) -> dict[str, dict[str, float]]:
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
   """Runs cold -> warm_a -> warm_b -> warm_c on one item set.
 
+  Args:
+    method: the method.
+    ctx: its context.
+    state: what ``method.fit`` returned.
+    items: [n] item ids.
+    warm_rows: phase -> [n, K] row indices.
+    test_rows: [m] row indices scored at every phase.
+    test_owner: [m] index into ``items`` of each test row's item.
+
   Returns:
-    {"auc": {phase: value}, "f1": {phase: value}} on the pooled test rows.
+    ({"auc": {phase: value}, "f1": {phase: value}} on the pooled test rows,
+     {"labels", "owner" (item ids), "prob_<phase>"} [m] arrays).
   """
   test = tasks.pack_flat(ctx.ds, test_rows)
   emb = method.cold(ctx, state, items)
   out = {"auc": {}, "f1": {}}
+  preds = {"labels": np.asarray(test["labels"]), "owner": np.asarray(items)[test_owner]}
   for phase in protocol.PHASES:
     if phase != "cold":
       batch = tasks.pack_phase(ctx.ds, warm_rows[phase])
-      emb, state = method.refine(ctx, state, emb, batch, items)
+      emb, state = method.refine(ctx, state, emb, batch, items,
+                                 protocol.WARM_PHASES.index(phase))
     if not np.all(np.isfinite(np.asarray(emb))):
       raise FloatingPointError(f"{method.name}: non-finite embeddings after {phase}")
     prob = warmup.predict(ctx.model, ctx.params, ctx.tables, emb, test, test_owner)
     out["auc"][phase] = metrics.auc(test["labels"], prob)
     out["f1"][phase] = metrics.f1_at_mean(test["labels"], prob)
-  return out
+    preds[f"prob_{phase}"] = np.asarray(prob, np.float32)
+  return out, preds
 
 
 def run_seed(config: ml_collections.ConfigDict, ds, split: protocol.Split,
-             method: methods.Method, seed: int, workdir: pathlib.Path,
-             seed_dir: pathlib.Path, item_vectors: np.ndarray | None) -> dict:
-  """Trains and evaluates one seed; returns its result dict."""
+             method: methods.Method, plan: methods.Plan, seed: int,
+             workdir: pathlib.Path, seed_dir: pathlib.Path,
+             vectors: np.ndarray | None) -> tuple[dict, dict[str, np.ndarray]]:
+  """Trains and evaluates one seed.
+
+  Args:
+    config: the run config.
+    ds: the dataset.
+    split: the protocol split.
+    method: the method.
+    plan: its plan for ``config``.
+    seed: the seed.
+    workdir: the run folder.
+    seed_dir: this seed's folder.
+    vectors: [n_items, D] enrichment vectors or None.
+
+  Returns:
+    (the seed's result dict, its predictions: test arrays and ``val_*`` ones).
+  """
   t0 = time.time()
-  key = jax.random.key(seed)
-  k_pre, k_method = jax.random.split(key)
+  k_method = jax.random.split(jax.random.key(seed))[1]
   split_s, holdout = protocol.carve_validation(split, ds, config.data.val_fraction, seed)
-  meta_items = None
-  if method.meta_holdout > 0:
-    # Old items the backbone never trains on, kept for meta-training tasks only.
-    split_s, held = protocol.carve_validation(split_s, ds, method.meta_holdout,
-                                              seed + 7919)
-    meta_items = held.items
+  if not config.eval.test:
+    # Tuning: nothing downstream can index an emerging item's rows.
+    split_s = protocol.without_emerging(split_s)
   model = backbones.make_backbone(config.backbone, ds, config.model.dim,
                                   config.model.mlp, config.model.cross_layers)
   tables = backbones.make_tables(ds)
-  dropout = method.item_dropout
-
-  def pretrain_on(old: protocol.Split, rule_key: Any = 0.0) -> Any:
-    """The backbone pretrained on ``old``'s base rows (cached by what it depends on)."""
-    return pretrain.pretrain_backbone(
-        model, tables, tasks.pack_flat(ds, old.base_rows), k_pre,
-        epochs=config.optim.epochs, batch_size=config.optim.batch_size,
-        lr=config.optim.lr,
-        ckpt_dir=backbone_dir(config, workdir, seed, dropout, method.meta_holdout,
-                              rule_key),
-        item_dropout=dropout, weight_decay=config.optim.weight_decay)
-
-  params = pretrain_on(split_s)
-  rule = None
-  if method.rule_holdout > 0:
-    # An auxiliary backbone that never sees some old items: meta-tasks on them
-    # look like emerging items do to the main backbone.
-    aux_split, held = protocol.carve_validation(split_s, ds, method.rule_holdout,
-                                                seed + 104729, method.rule_pick)
-    aux_params = pretrain_on(aux_split, (method.rule_holdout, method.rule_pick))
-    rule = methods.RuleBackbone(params=aux_params, split=aux_split, items=held.items)
-  t_pre = time.time()
-  ctx = methods.Context(config=config, ds=ds, split=split_s, model=model,
-                        params=params, tables=tables, key=k_method,
-                        workdir=seed_dir, item_vectors=item_vectors,
-                        meta_items=meta_items, rule_backbone=rule)
-  state = method.fit(ctx)
-  val = None
-  if holdout is not None:
-    val = evaluate_items(method, ctx, state, holdout.items, holdout.warm_rows,
-                         holdout.test_rows, holdout.test_owner)
-    logging.info("seed %d validation AUC %s", seed, _fmt(val["auc"]))
-  test = evaluate_items(method, ctx, state, split_s.emerging_items,
-                        split_s.warm_rows, split_s.test_rows, split_s.test_owner)
+  with curves.writer(config, seed_dir / "tb") as writer:
+    pre = execute_plan(config, ds, split_s, plan, seed, workdir, model, tables, writer)
+    t_pre = time.time()
+    main = pre["main"]
+    ctx = methods.Context(
+        config=cache.restrict(config, methods.SHARED_SECTIONS + plan.sections),
+        ds=ds, split=main.split, model=model, tables=tables, key=k_method,
+        workdir=seed_dir, backbones=pre, vectors=vectors, writer=writer)
+    state = method.fit(ctx)
+    val, preds = None, {}
+    if holdout is not None:
+      val, p = evaluate_items(method, ctx, state, holdout.items, holdout.warm_rows,
+                              holdout.test_rows, holdout.test_owner)
+      preds.update({f"val_{k}": v for k, v in p.items()})
+      logging.info("seed %d validation AUC %s", seed, _fmt(val["auc"]))
+      for i, phase in enumerate(protocol.PHASES):
+        curves.write(writer, i, {f"val_auc/{phase}": val["auc"][phase]})
+    test = None
+    if config.eval.test:
+      test, p = evaluate_items(method, ctx, state, main.split.emerging_items,
+                               main.split.warm_rows, main.split.test_rows,
+                               main.split.test_owner)
+      preds.update(p)
+      logging.info("seed %d test AUC %s  F1 %s", seed, _fmt(test["auc"]),
+                   _fmt(test["f1"]))
+    elif val is None:
+      raise ValueError("eval.test=False needs a validation holdout (data.val_fraction > 0)")
   t_end = time.time()
-  logging.info("seed %d test AUC %s  F1 %s", seed, _fmt(test["auc"]), _fmt(test["f1"]))
-  return {"seed": seed, "auc": test["auc"], "f1": test["f1"],
-          "val_auc": val["auc"] if val else None,
-          "val_f1": val["f1"] if val else None,
-          "seconds": {"pretrain": t_pre - t0, "method": t_end - t_pre,
-                      "total": t_end - t0}}
+  res = {"seed": seed, "auc": test["auc"] if test else None,
+         "f1": test["f1"] if test else None,
+         "val_auc": val["auc"] if val else None,
+         "val_f1": val["f1"] if val else None,
+         "seconds": {"pretrain": t_pre - t0, "method": t_end - t_pre,
+                     "total": t_end - t0}}
+  return res, preds
 
 
 def _fmt(d: dict[str, float]) -> str:
   return " ".join(f"{k}={v:.4f}" for k, v in d.items())
+
+
+def result_key(config: ml_collections.ConfigDict, plan: methods.Plan, seed: int) -> str:
+  """The key of one seed's result: every section the run reads, and the seed."""
+  return cache.key(config, methods.SHARED_SECTIONS + plan.sections, seed=seed,
+                   vectors=plan.vectors, backbones=[vars(b) for b in plan.backbones])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -142,7 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Args:
     config: a config from ``experiments/configs``.
-    workdir: output directory (made absolute); re-running resumes.
+    workdir: output directory (made absolute); re-running resumes, and a
+      changed config recomputes what it changes.
 
   Returns:
     The results.json dict.
@@ -156,24 +235,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("%s: %d rows, %d users, %d items; split %s", ds.name, ds.n_rows,
                ds.n_users, ds.n_items, split.counts())
   method = methods.get_method(config.method)
-  method.configure(config)
-  vectors = None
-  if method.needs_vectors:
-    vectors = load_vectors(config, ds, method.vector_source or config.enrich.source)
-  run_dir = workdir / f"{config.method}_{config.backbone}"
+  plan = method.plan(config)
+  vectors = load_vectors(config, ds, plan.vectors) if plan.vectors else None
   per_seed = []
   for s in range(config.seeds):
     seed = config.seed + s
-    seed_dir = run_dir / f"seed_{seed}"
-    done = seed_dir / "result.json"
-    if done.exists():
-      logging.info("seed %d: reusing %s", seed, done)
-      per_seed.append(json.loads(done.read_text()))
-      continue
+    seed_dir = workdir / f"seed_{seed}"
+    done, pred_file = seed_dir / "result.json", seed_dir / "predictions.npz"
+    key = result_key(config, plan, seed)
+    if done.exists() and pred_file.exists():
+      old = json.loads(done.read_text())
+      if old.get("key") == key:
+        logging.info("seed %d: reusing %s", seed, done)
+        per_seed.append(old)
+        continue
+      logging.info("seed %d: %s was computed with another config; recomputing",
+                   seed, done)
     seed_dir.mkdir(parents=True, exist_ok=True)
     logging.info("seed %d: %s with %s on %s", seed, config.method, config.backbone,
                  ds.name)
-    res = run_seed(config, ds, split, method, seed, workdir, seed_dir, vectors)
+    res, preds = run_seed(config, ds, split, method, plan, seed, workdir, seed_dir,
+                          vectors)
+    res["key"] = key
+    # Predictions first: a result.json on disk always has its predictions.
+    checkpoint.save_arrays(pred_file, **preds)
     results.write_json_atomic(done, res)
     per_seed.append(res)
   summary = results.summarize(config, ds.name, per_seed, split.counts(),

@@ -210,8 +210,7 @@ def tiny_context(tiny_ds, tiny_split, tiny_backbone, tmp_path):
     for key, value in overrides.items():
       section, field = key.split(".")
       config[section][field] = value
-    return methods.Context(config=config, ds=tiny_ds, split=tiny_split,
-                           model=tiny_backbone.model, params=tiny_backbone.params,
-                           tables=tiny_backbone.tables, key=jax.random.key(1),
-                           workdir=tmp_path / "method")
+    return methods.context_for(config, tiny_ds, tiny_split, tiny_backbone.model,
+                               tiny_backbone.tables, tiny_backbone.params,
+                               jax.random.key(1), tmp_path / "method")
   return make

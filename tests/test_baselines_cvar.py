@@ -42,8 +42,7 @@ def test_refine_retrains_the_cvae_and_regenerates(ctx):
   items = ctx.split.emerging_items
   cold = method.cold(ctx, state, items)
   batch = tasks.pack_phase(ctx.ds, ctx.split.warm_rows["warm_a"])
-  emb, new_state = method.refine(ctx, state, cold, batch, items)
-  assert new_state["phase"] == 1
+  emb, new_state = method.refine(ctx, state, cold, batch, items, 0)
   # The emerging items' own ID rows start at zero and learn from their rows.
   ids = backbones.item_ids(ctx.tables, items)
   assert float(jnp.abs(state["params"]["own_id"][ids]).max()) == 0.0
@@ -60,6 +59,6 @@ def test_end_to_end_finite_auc(ctx):
   method = cvar.CVAR()
   state = method.fit(ctx)
   sp = ctx.split
-  out = train.evaluate_items(method, ctx, state, sp.emerging_items, sp.warm_rows,
-                             sp.test_rows, sp.test_owner)
+  out, _ = train.evaluate_items(method, ctx, state, sp.emerging_items, sp.warm_rows,
+                                sp.test_rows, sp.test_owner)
   assert all(np.isfinite(v) and 0 <= v <= 1 for v in out["auc"].values())

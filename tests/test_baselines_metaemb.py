@@ -37,9 +37,8 @@ def test_inner_step_is_one_hand_computed_sgd_step(tiny_ds, tiny_split, random_pa
   model = backbones.make_backbone("fm", tiny_ds, 4)
   tables = backbones.make_tables(tiny_ds)
   config = tiny_context(**{"metaemb.epochs": 2, "metaemb.batch_tasks": 8}).config
-  ctx = methods.Context(config=config, ds=tiny_ds, split=tiny_split, model=model,
-                        params=random_params(model, tables), tables=tables,
-                        key=jax.random.key(1), workdir=tmp_path)
+  ctx = methods.context_for(config, tiny_ds, tiny_split, model, tables,
+                            random_params(model, tables), jax.random.key(1), tmp_path)
   rows = tasks.pack_rows(ctx.ds, [ctx.split.meta_chunks[0][0]], 8)
   rows = {k: jnp.asarray(v[0]) for k, v in rows.items()}
   rows["mask"] = rows["mask"].at[-1].set(0.0)  # a padded row must not count
@@ -98,8 +97,8 @@ def test_end_to_end_and_resume(ctx):
   method = metaemb.MetaEmb()
   state = method.fit(ctx)
   sp = ctx.split
-  out = train.evaluate_items(method, ctx, state, sp.emerging_items, sp.warm_rows,
-                             sp.test_rows, sp.test_owner)
+  out, _ = train.evaluate_items(method, ctx, state, sp.emerging_items, sp.warm_rows,
+                                sp.test_rows, sp.test_owner)
   assert all(np.isfinite(v) and 0 <= v <= 1 for v in out["auc"].values())
   # A second fit finds the finished checkpoint and trains nothing more.
   again = method.fit(ctx)

@@ -54,9 +54,9 @@ def test_emerging_items_see_only_warm_rows_so_far(ctx):
   emb = method.cold(ctx, state, items)
   assert "seen" not in state  # nothing is known about emerging items when cold
   seen_rows = np.zeros((len(items), 0), np.int64)
-  for phase in protocol.WARM_PHASES:
+  for p, phase in enumerate(protocol.WARM_PHASES):
     emb, state = method.refine(ctx, state, emb, tasks.pack_phase(ctx.ds, sp.warm_rows[phase]),
-                               items)
+                               items, p)
     seen_rows = np.concatenate([seen_rows, sp.warm_rows[phase]], 1)
     want = mwuf.user_vectors(ctx.params, ctx.tables,
                              jnp.asarray(ctx.ds.users[seen_rows])).mean(1)
@@ -70,7 +70,7 @@ def test_end_to_end_finite_auc(ctx):
   method = mwuf.MWUF()
   state = method.fit(ctx)
   sp = ctx.split
-  out = train.evaluate_items(method, ctx, state, sp.emerging_items, sp.warm_rows,
-                             sp.test_rows, sp.test_owner)
+  out, _ = train.evaluate_items(method, ctx, state, sp.emerging_items, sp.warm_rows,
+                                sp.test_rows, sp.test_owner)
   assert all(np.isfinite(v) and 0 <= v <= 1 for v in out["auc"].values())
   assert all(np.isfinite(v) for v in out["f1"].values())

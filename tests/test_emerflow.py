@@ -1,12 +1,13 @@
 """EmerFlow end to end on a tiny synthetic world: fit, cold, refine, resume."""
 
+import dataclasses
 import pathlib
 
 import jax
 import numpy as np
 import pytest
 
-from emerflow_jax import methods, protocol, train
+from emerflow_jax import methods, pretrain, protocol, tasks, train
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 from experiments.configs import synthetic as synthetic_config
@@ -17,6 +18,7 @@ def _context(workdir, method_name, **overrides):
   cfg.meta.epochs = 2
   cfg.meta.batch_tasks = 16
   cfg.align.steps = 10
+  cfg.meta.rule_holdout = 0.0  # one backbone unless a test asks for the rule backbone
   for k, v in overrides.items():
     section, field = k.split(".")
     cfg[section][field] = v
@@ -26,9 +28,8 @@ def _context(workdir, method_name, **overrides):
   tables = backbones.make_tables(ds)
   params = backbones.init_params(model, tables, jax.random.key(0))
   method = methods.get_method(method_name)
-  ctx = methods.Context(config=cfg, ds=ds, split=split, model=model, params=params,
-                        tables=tables, key=jax.random.key(1),
-                        workdir=pathlib.Path(workdir), item_vectors=ds.item_vectors)
+  ctx = methods.context_for(cfg, ds, split, model, tables, params, jax.random.key(1),
+                            pathlib.Path(workdir), vectors=ds.item_vectors)
   return method, ctx
 
 
@@ -37,8 +38,8 @@ def test_methods_produce_finite_phase_metrics(tmp_path, name):
   method, ctx = _context(tmp_path, name)
   state = method.fit(ctx)
   s = ctx.split
-  out = train.evaluate_items(method, ctx, state, s.emerging_items, s.warm_rows,
-                             s.test_rows, s.test_owner)
+  out, _ = train.evaluate_items(method, ctx, state, s.emerging_items, s.warm_rows,
+                                s.test_rows, s.test_owner)
   assert set(out["auc"]) == set(protocol.PHASES)
   assert all(np.isfinite(v) for v in out["auc"].values())
 
@@ -60,38 +61,46 @@ def test_warm_phases_only_move_item_embeddings(tmp_path):
   before = jax.tree.map(np.asarray, ctx.params)
   s = ctx.split
   emb = method.cold(ctx, state, s.emerging_items)
-  from emerflow_jax import tasks  # pylint: disable=g-import-not-at-top
   new, _ = method.refine(ctx, state, emb, tasks.pack_phase(ctx.ds, s.warm_rows["warm_a"]),
-                         s.emerging_items)
+                         s.emerging_items, 0)
   assert new.shape == emb.shape and not np.allclose(new, emb)
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(ctx.params)):
     np.testing.assert_array_equal(a, b)
 
 
-def test_rule_learned_on_an_auxiliary_backbone_carries_only_the_step_sizes(tmp_path):
-  """rule_holdout: alpha comes from items the auxiliary backbone never saw."""
-  from emerflow_jax import pretrain, tasks  # pylint: disable=g-import-not-at-top
-  shrink = {"meta.learn_shrink": True, "meta.cold_in_outer": True}
-  method, ctx = _context(tmp_path, "emerflow", **{"meta.rule_holdout": 0.4}, **shrink)
-  method.configure(ctx.config)
-  assert method.rule_holdout == 0.4
-  aux_split, held = protocol.carve_validation(ctx.split, ctx.ds, 0.4, 0,
-                                              pick=method.rule_pick)
+def _with_rule_backbone(ctx, leave_out=0.4):
+  """``ctx`` plus the auxiliary "rule" backbone its plan asks for."""
+  spec = [b for b in methods.get_method("emerflow").plan(ctx.config).backbones
+          if b.role == "rule"][0]
+  assert spec.leave_out == leave_out and spec.pick == "fewest_rows"
+  aux_split, held = protocol.carve_validation(ctx.split, ctx.ds, leave_out, 0, spec.pick)
   aux_params = pretrain.pretrain_backbone(
       ctx.model, ctx.tables, tasks.pack_flat(ctx.ds, aux_split.base_rows),
-      jax.random.key(5), epochs=1, batch_size=64, lr=1e-2, ckpt_dir=tmp_path / "aux")
-  ctx.rule_backbone = methods.RuleBackbone(params=aux_params, split=aux_split,
-                                           items=held.items)
+      jax.random.key(5), epochs=1, batch_size=64, lr=1e-2, ckpt_dir=ctx.workdir / "aux")
+  rule = methods.Pretrained(params=aux_params, split=aux_split, held=held.items,
+                            key="aux")
+  return dataclasses.replace(ctx, backbones=dict(ctx.backbones, rule=rule))
+
+
+def test_rule_learned_on_an_auxiliary_backbone_carries_only_the_step_sizes(tmp_path):
+  """rule_holdout: alpha comes from items the auxiliary backbone never saw."""
+  shrink = {"meta.learn_shrink": True, "meta.cold_in_outer": True}
+  method, ctx = _context(tmp_path, "emerflow", **{"meta.rule_holdout": 0.4}, **shrink)
+  ctx = _with_rule_backbone(ctx)
   state = method.fit(ctx)
   alpha = np.asarray(state["params"]["log_alpha"])
   assert alpha.shape == (3,)  # one scalar step size per warm phase
   assert not np.allclose(alpha, np.log(ctx.config.meta.alpha))  # it was learned
   assert float(state["params"]["shrink"]) != 1.0  # so was the trust in the prior
-  assert (tmp_path / "rule" / "meta").exists() and (tmp_path / "rule" / "align").exists()
-  assert not (tmp_path / "meta").exists()  # nothing meta-trained on the main backbone
+  made = sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1]
+                if p.name.startswith("rule-") else p.name.split("-")[0]
+                for p in tmp_path.iterdir() if "-" in p.name and p.is_dir())
+  assert made == ["align", "rule-align", "rule-meta"]  # nothing meta-trained on main
   # The cold map is the main backbone's own mapper (not the auxiliary one),
   # shrunk toward the main backbone's mean old-item embedding by the learned s.
-  _, plain_ctx = _context(tmp_path / "plain", "emerflow", **{"meta.epochs": 0}, **shrink)
+  _, plain_ctx = _context(tmp_path / "plain", "emerflow", **{"meta.epochs": 0,
+                                                             "meta.rule_holdout": 0.0},
+                          **shrink)
   plain = method.fit(plain_ctx)
   assert float(plain["params"]["shrink"]) == 1.0
   g = method.cold(plain_ctx, plain, ctx.split.emerging_items)
@@ -101,20 +110,43 @@ def test_rule_learned_on_an_auxiliary_backbone_carries_only_the_step_sizes(tmp_p
                              rtol=1e-5, atol=1e-6)
 
 
-def test_rule_holdout_refuses_to_transfer_a_trained_cold_map(tmp_path):
-  method, ctx = _context(tmp_path, "emerflow", **{"meta.rule_holdout": 0.3,
-                                                  "meta.train_init": True})
-  with pytest.raises(ValueError, match="train_init=False"):
-    method.configure(ctx.config)
+@pytest.mark.parametrize("overrides, match", [
+    ({"meta.rule_holdout": 0.3, "meta.train_init": True}, "train_init=False"),
+    ({"meta.rule_holdout": 0.3, "meta.crossfit_folds": 2}, "crossfit_folds=1"),
+    ({"meta.rule_holdout": 0.0, "meta.holdout_fraction": 0.2,
+      "meta.crossfit_folds": 2}, "crossfit_folds=1"),
+    ({"meta.cold_in_outer": True}, "learn_shrink"),
+    ({"meta.tasks": "chunks"}, "phase_alpha"),
+])
+def test_options_that_would_have_no_effect_are_errors(tmp_path, overrides, match):
+  method, ctx = _context(tmp_path, "emerflow", **overrides)
+  with pytest.raises(ValueError, match=match):
+    method.plan(ctx.config)
 
 
-def test_refine_steps_through_the_phases(tmp_path):
+def test_plan_states_the_backbones_each_variant_needs(tmp_path):
+  _, ctx = _context(tmp_path, "emerflow", **{"meta.rule_holdout": 0.3})
+  cfg = ctx.config
+  roles = {n: [(b.role, b.leave_out) for b in methods.get_method(n).plan(cfg).backbones]
+           for n in ("emerflow", "emerflow_no_meta", "emerflow_no_align")}
+  assert roles["emerflow"] == [("main", 0.0), ("rule", cfg.meta.rule_holdout)]
+  assert roles["emerflow_no_meta"] == [("main", 0.0)]  # no rule to learn
+  assert roles["emerflow_no_align"] == roles["emerflow"]
+  assert methods.get_method("emerflow_no_align").plan(cfg).vectors is None
+  assert methods.get_method("emerflow_no_llm").plan(cfg).vectors == "raw"
+
+
+def test_refine_uses_the_phase_it_is_given(tmp_path):
+  """Phase p applies the step size learned for phase p, whatever came before."""
   method, ctx = _context(tmp_path, "emerflow")
   state = method.fit(ctx)
   s = ctx.split
   emb = method.cold(ctx, state, s.emerging_items)
-  from emerflow_jax import tasks  # pylint: disable=g-import-not-at-top
-  for p, phase in enumerate(protocol.WARM_PHASES):
-    assert state["phase"] == p
-    emb, state = method.refine(ctx, state, emb, tasks.pack_phase(ctx.ds, s.warm_rows[phase]),
-                               s.emerging_items)
+  batch = tasks.pack_phase(ctx.ds, s.warm_rows["warm_b"])
+  a, _ = method.refine(ctx, state, emb, batch, s.emerging_items, 1)
+  b, state2 = method.refine(ctx, state, emb, batch, s.emerging_items, 1)
+  c, _ = method.refine(ctx, state, emb, batch, s.emerging_items, 2)
+  np.testing.assert_array_equal(a, b)
+  assert state2 is state  # the rule keeps no per-phase counter
+  alpha = np.asarray(state["params"]["log_alpha"])
+  assert not np.allclose(alpha[1], alpha[2]) or np.allclose(a, c)

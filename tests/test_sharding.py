@@ -121,11 +121,11 @@ def _four_device_checks(workdir: str) -> dict:
       0.5, "per_dim", 4, len(protocol.WARM_PHASES)))
   trained = {}
   for name, mesh in (("one", one), ("four", four)):
-    ctx = methods.Context(config=config, ds=ds, split=split, model=model,
-                          params=frozen["params"], tables=frozen["tables"],
-                          key=jax.random.key(1),
-                          workdir=pathlib.Path(workdir) / name)
-    trained[name] = emerflow.run_meta_training(ctx, mapper, flow_params, frozen, mesh)
+    ctx = methods.context_for(config, ds, split, model, frozen["tables"],
+                              frozen["params"], jax.random.key(1),
+                              pathlib.Path(workdir) / name)
+    trained[name] = emerflow.run_meta_training(ctx, mapper, flow_params, frozen,
+                                               ctx.workdir / "meta", mesh=mesh)
   out["train_param_diff"] = _max_diff(trained["four"], trained["one"])
   out["train_moved"] = _max_diff(trained["one"], flow_params)
   return out

@@ -6,12 +6,13 @@
 
 import dataclasses
 import json
+import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
-from emerflow_jax import data, train
+from emerflow_jax import curves, data, metrics, train
 from emerflow_jax.data import dataset
 from experiments.configs import synthetic as synthetic_config
 
@@ -48,13 +49,13 @@ def test_binary_writes_results_json_md_and_png(smoke_run):
   assert all(v > 0 for v in res["seconds"].values())
   assert "mean ± std" in (workdir / "results.md").read_text()
   assert (workdir / "auc.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-  assert (workdir / "base_deepfm" / "seed_0" / "result.json").exists()
+  assert (workdir / "seed_0" / "result.json").exists()  # one flat level per run
   assert "test AUC" in proc.stderr
 
 
 def test_second_invocation_reuses_finished_seeds(smoke_run, experiment_argv, repo_root):
   workdir, _ = smoke_run
-  seed_file = workdir / "base_deepfm" / "seed_0" / "result.json"
+  seed_file = workdir / "seed_0" / "result.json"
   before = seed_file.read_bytes()
   first = json.loads((workdir / "results.json").read_text())
   proc = _run(experiment_argv(workdir, *FLAGS), repo_root)
@@ -74,3 +75,66 @@ def test_nan_in_the_data_is_a_clear_error(tiny_ds, tmp_path, monkeypatch):
   with pytest.raises(dataset.DataError, match="non-finite time.*row 7"):
     train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "results.json").exists()
+
+
+def test_a_changed_config_never_reuses_a_finished_seed(smoke_run, experiment_argv,
+                                                       repo_root, tmp_path):
+  """The warm-up lr case: the seed is recomputed, the backbone is not."""
+  first_dir, _ = smoke_run
+  workdir = tmp_path / "run"
+  shutil.copytree(first_dir, workdir)
+  first = json.loads((workdir / "results.json").read_text())
+  proc = _run(experiment_argv(workdir, *FLAGS, "--config.warmup.lr=0.5"), repo_root)
+  assert "computed with another config; recomputing" in proc.stderr
+  assert "seed 0: reusing" not in proc.stderr
+  assert "pretrain: epoch" not in proc.stderr  # the backbone does not read warmup
+  res = json.loads((workdir / "results.json").read_text())
+  assert res["config"]["warmup"]["lr"] == 0.5
+  assert res["auc"] != first["auc"]  # computed with lr 0.5, not read back
+  seed = json.loads((workdir / "seed_0" / "result.json").read_text())
+  assert res["keys"] == [seed["key"]] != first["keys"]
+
+
+def test_predictions_are_kept_per_seed(smoke_run):
+  workdir, _ = smoke_run
+  res = json.loads((workdir / "results.json").read_text())
+  with np.load(workdir / "seed_0" / "predictions.npz") as f:
+    for prefix, metric in (("", "auc"), ("val_", "val_auc")):
+      labels = f[f"{prefix}labels"]
+      assert f[f"{prefix}owner"].shape == labels.shape
+      for p in PHASES:  # the stored scores reproduce the stored AUC
+        assert np.isclose(metrics.auc(labels, f[f"{prefix}prob_{p}"]), res[metric][p][0])
+
+
+def test_curves_are_written_for_tensorboard(smoke_run):
+  workdir, _ = smoke_run
+  scalars = curves.read_scalars(workdir / "seed_0" / "tb")
+  assert [s for s, _ in scalars["pretrain/main/loss"]] == [1]  # smoke: one epoch
+  for i, p in enumerate(PHASES):
+    assert scalars[f"val_auc/{p}"][0][0] == i and 0 < scalars[f"val_auc/{p}"][0][1] < 1
+
+
+def test_validation_only_runs_never_read_test_rows(tmp_path, monkeypatch):
+  """eval.test=False: the split handed to the method has no emerging items."""
+  seen = []
+  real = train.evaluate_items
+
+  def spy(method, ctx, state, items, *rest):
+    seen.append((np.asarray(items).copy(), ctx.split))
+    return real(method, ctx, state, items, *rest)
+
+  monkeypatch.setattr(train, "evaluate_items", spy)
+  config = synthetic_config.get_config("smoke")
+  config.method = "base"
+  config.eval.test = False
+  config.eval.curves = False
+  res = train.train_and_evaluate(config, str(tmp_path))
+  assert res["auc"] is None and res["f1"] is None
+  assert all(0 < v[0] < 1 for v in res["val_auc"].values())
+  assert len(seen) == 1  # the validation holdout only
+  items, split = seen[0]
+  assert not np.isin(items, split.old_items).any()  # held-out old items
+  assert split.emerging_items.size == 0 and split.test_rows.size == 0
+  assert all(w.size == 0 for w in split.warm_rows.values())
+  with np.load(tmp_path / "seed_0" / "predictions.npz") as f:
+    assert not any(k in f.files for k in ("labels", "owner")) and "val_labels" in f.files

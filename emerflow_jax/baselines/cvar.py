@@ -40,6 +40,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -175,6 +176,13 @@ class CVAR(methods.Method):
   """CVAE generator, re-trained on each warm phase's rows."""
   name = "cvar"
 
+  def plan(self, config: ml_collections.ConfigDict) -> methods.Plan:
+    from emerflow_jax import space  # pylint: disable=g-import-not-at-top
+    return methods.Plan(sections=("cvar",), search_space=dict(
+        methods.warmup_space(), **{"cvar.keep": space.Float(0.0, 1.0),
+                                   "cvar.iters": space.Int(1, 20),
+                                   "cvar.lr": space.Float(1e-4, 1e-2, log=True)}))
+
   def _cvae(self, ctx: methods.Context) -> CVAE:
     return CVAE(latent=int(ctx.config.cvar.latent_dim), out=ctx.dim)
 
@@ -224,19 +232,18 @@ class CVAR(methods.Method):
     for e, h in enumerate(history):
       logging.info("cvar: epoch %d loss %.4f (main %.4f recon %.4f wass %.1f)",
                    e + 1, h["loss"], h["main"], h["recon"], h["wass"])
-    return {"params": p, "key": k_gen, "phase": 0, "history": history}
+    return {"params": p, "key": k_gen, "history": history}
 
   def cold(self, ctx: methods.Context, state: Any, items: np.ndarray) -> jnp.ndarray:
     return _generate(self._cvae(ctx), state["params"], ctx.tables, jnp.asarray(items),
                      jax.random.fold_in(state["key"], 0), float(ctx.config.cvar.noise))
 
   def refine(self, ctx: methods.Context, state: Any, emb: jnp.ndarray,
-             batch: dict[str, np.ndarray], items: np.ndarray
+             batch: dict[str, np.ndarray], items: np.ndarray, phase: int
              ) -> tuple[jnp.ndarray, Any]:
     cfg = ctx.config.cvar
-    tuned, _ = super().refine(ctx, state, emb, batch, items)
-    phase = state["phase"] + 1
-    key = jax.random.fold_in(state["key"], phase)
+    tuned, _ = super().refine(ctx, state, emb, batch, items, phase)
+    key = jax.random.fold_in(state["key"], phase + 1)  # key 0 drew the cold sample
     k_train, k_gen = jax.random.split(key)
     n, k = batch["users"].shape
     owner = jnp.repeat(jnp.arange(n), k)
@@ -249,7 +256,7 @@ class CVAR(methods.Method):
     fresh = _generate(self._cvae(ctx), p, ctx.tables, jnp.asarray(items), k_gen,
                       float(cfg.noise))
     keep = float(cfg.keep)
-    return keep * tuned + (1.0 - keep) * fresh, dict(state, params=p, phase=phase)
+    return keep * tuned + (1.0 - keep) * fresh, dict(state, params=p)
 
 
 _generate = jax.jit(generate, static_argnums=(0, 5))

@@ -6,10 +6,9 @@ the backbone learns to score from the side fields when the ID embedding says
 nothing.  A new item's cold embedding is therefore that same mean, and the
 phases then use the shared fine-tuning.
 
-The rate comes from ``config.dropoutnet.rate``.  The harness builds methods
-without arguments and reads ``item_dropout`` before pretraining, so it must call
-``configure(config)`` first; ``fit`` refuses to run on a backbone pretrained
-with another rate.
+The rate comes from ``config.dropoutnet.rate`` through the plan: the
+harness pretrains the main backbone with that item dropout (its cache key
+includes the rate), so the backbone ``fit`` sees is always the right one.
 """
 
 from __future__ import annotations
@@ -42,22 +41,19 @@ def row_weighted_mean(ctx: methods.Context) -> jnp.ndarray:
 class DropoutNet(methods.Method):
   """Item-embedding dropout in pretraining; the mean embedding when cold."""
   name = "dropoutnet"
-  item_dropout = 0.02  # = the config default; configure() sets the real rate
 
-  def configure(self, config: ml_collections.ConfigDict) -> None:
-    """Takes the dropout rate from ``config.dropoutnet.rate`` (before pretraining)."""
+  def plan(self, config: ml_collections.ConfigDict) -> methods.Plan:
+    """Pretrains main with ``dropoutnet.rate`` item dropout."""
+    from emerflow_jax import space  # pylint: disable=g-import-not-at-top
     rate = float(config.dropoutnet.rate)
     if not 0.0 <= rate < 1.0:
       raise ValueError(f"dropoutnet.rate must be in [0, 1), got {rate}")
-    self.item_dropout = rate
+    return methods.Plan(
+        backbones=(methods.BackboneSpec(item_dropout=rate),), sections=("dropoutnet",),
+        search_space=dict(methods.warmup_space(),
+                          **{"dropoutnet.rate": space.Float(0.0, 0.5)}))
 
   def fit(self, ctx: methods.Context) -> Any:
-    rate = float(ctx.config.dropoutnet.rate)
-    if not np.isclose(rate, self.item_dropout):
-      raise ValueError(
-          f"dropoutnet: the backbone was pretrained with item_dropout="
-          f"{self.item_dropout} but config.dropoutnet.rate={rate}; the harness "
-          "must call method.configure(config) before pretraining")
     return {"mean": row_weighted_mean(ctx)}
 
   def cold(self, ctx: methods.Context, state: Any, items: np.ndarray) -> jnp.ndarray:

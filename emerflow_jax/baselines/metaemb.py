@@ -14,15 +14,13 @@ across batches a and b; here a task's two batches always belong to one item,
 as in the paper.  Its side input also drops CVAR's ``count`` feature, which is
 the item's total interaction count and would leak an emerging item's future.
 
-The helpers ``side_fields``/``side_embeddings``/``TwoLayer``/``config_hash``
+The helpers ``side_fields``/``side_embeddings``/``TwoLayer``
 are shared with the other side-information baselines (MWUF, CVAR).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 from typing import Any, Callable
 
@@ -102,21 +100,6 @@ class TwoLayer(nn.Module):
     init = uniform_init(0.01)
     h = nn.relu(nn.Dense(self.hidden, kernel_init=init, bias_init=init)(x))
     return nn.Dense(self.out, kernel_init=init, bias_init=init)(h)
-
-
-def config_hash(config: ml_collections.ConfigDict) -> str:
-  """A short hash of everything a method's training depends on.
-
-  A method's checkpoint folder carries it, so a changed config never resumes a
-  stale checkpoint.  Paths and the seed count do not change what is trained.
-  """
-  d = config.to_dict()
-  d.pop("seeds", None)
-  for section, key in (("data", "dir"), ("data", "download"),
-                       ("optim", "cache_dir"), ("enrich", "cache_dir")):
-    d.get(section, {}).pop(key, None)
-  blob = json.dumps(d, sort_keys=True, default=str).encode()
-  return hashlib.sha256(blob).hexdigest()[:10]
 
 
 def seed_of(key: jax.Array) -> int:
@@ -225,6 +208,13 @@ class MetaEmb(methods.Method):
   """Generator G(side fields) -> cold ID embedding, meta-trained on old items."""
   name = "metaemb"
 
+  def plan(self, config: ml_collections.ConfigDict) -> methods.Plan:
+    from emerflow_jax import space  # pylint: disable=g-import-not-at-top
+    return methods.Plan(sections=("metaemb",), search_space=dict(
+        methods.warmup_space(), **{"metaemb.lr": space.Float(1e-4, 1e-2, log=True),
+                                   "metaemb.inner_lr": space.Float(1e-4, 1e-1, log=True),
+                                   "metaemb.alpha": space.Float(0.0, 1.0)}))
+
   def _generator(self, ctx: methods.Context) -> TwoLayer:
     return TwoLayer(hidden=int(ctx.config.metaemb.hidden), out=ctx.dim)
 
@@ -238,7 +228,7 @@ class MetaEmb(methods.Method):
     state = pretrain.init_state(gen.init(k_init, side), tx, k_state)
     epoch_fn = make_epoch_fn(gen, ctx.model, tx, float(cfg.inner_lr), float(cfg.alpha))
     seed = seed_of(k_data)
-    ckpt_dir = ctx.workdir / f"metaemb-{config_hash(ctx.config)}"
+    ckpt_dir = ctx.stage_dir("metaemb", ("metaemb",))
     with checkpoint.Checkpointer(ckpt_dir) as ckpt:
       state, done = ckpt.restore_or(state)
       if done is not None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -157,6 +158,14 @@ class MWUF(methods.Method):
   """Meta scaling (side fields) and shifting (seen users) of the cold embedding."""
   name = "mwuf"
 
+  def plan(self, config: ml_collections.ConfigDict) -> methods.Plan:
+    from emerflow_jax import space  # pylint: disable=g-import-not-at-top
+    if config.mwuf.cold_users not in ("mean", "zero"):
+      raise ValueError(f"mwuf.cold_users must be mean|zero, got {config.mwuf.cold_users!r}")
+    return methods.Plan(sections=("mwuf",), search_space=dict(
+        methods.warmup_space(), **{"mwuf.lr": space.Float(1e-4, 1e-2, log=True),
+                                   "mwuf.epochs": space.Int(1, 20)}))
+
   def fit(self, ctx: methods.Context) -> Any:
     cfg = ctx.config.mwuf
     hidden, d = int(cfg.hidden), ctx.dim
@@ -191,14 +200,14 @@ class MWUF(methods.Method):
                  jnp.broadcast_to(state["cold_users"], (n, ctx.dim)))
 
   def refine(self, ctx: methods.Context, state: Any, emb: jnp.ndarray,
-             batch: dict[str, np.ndarray], items: np.ndarray
+             batch: dict[str, np.ndarray], items: np.ndarray, phase: int
              ) -> tuple[jnp.ndarray, Any]:
     n, hidden = len(items), self._hidden(ctx)
     seen = state.get("seen")
-    if seen is None or not np.array_equal(seen["items"], items):
+    if phase == 0:
       # First phase of this item set: no row seen, the shift at its cold input.
       users0 = jnp.broadcast_to(state["cold_users"], (n, ctx.dim))
-      seen = {"items": np.asarray(items), "sums": jnp.zeros((n, ctx.dim)),
+      seen = {"sums": jnp.zeros((n, ctx.dim)),
               "counts": jnp.zeros(n), "shift": _shift(state["nets"], hidden, users0)}
     k = batch["users"].shape[1]
     u_emb = user_vectors(ctx.params, ctx.tables, jnp.asarray(batch["users"]).reshape(-1))
@@ -207,8 +216,8 @@ class MWUF(methods.Method):
     sums, counts = seen["sums"] + s, seen["counts"] + c
     shift = _shift(state["nets"], hidden, user_means(sums, counts, state["cold_users"]))
     emb = emb - seen["shift"] + shift
-    emb, _ = super().refine(ctx, state, emb, batch, items)
-    seen = {"items": np.asarray(items), "sums": sums, "counts": counts, "shift": shift}
+    emb, _ = super().refine(ctx, state, emb, batch, items, phase)
+    seen = {"sums": sums, "counts": counts, "shift": shift}
     return emb, dict(state, seen=seen)
 
 

@@ -65,7 +65,7 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.meta.learn_shrink = False     # learn s in e0 = mean + s * (g_phi(r) - mean) (off: validation AUC lower on both backbones)
   c.meta.cold_in_outer = False    # flow tasks also score e0 on the query (the cold phase; only matters with learn_shrink)
   c.meta.train_init = False       # outer loss also trains the cold map (phi / e0)
-  c.meta.crossfit_folds = 2       # meta-tasks start from out-of-fold mapper outputs (1 = off)
+  c.meta.crossfit_folds = 1       # >1: meta-tasks start from out-of-fold mapper outputs (only with rule_holdout = holdout_fraction = 0)
   c.meta.holdout_fraction = 0.0   # old items kept out of pretraining, used only as meta-tasks
   c.meta.rule_holdout = 0.3       # old items kept out of an auxiliary backbone; the rule is learned on them (0 = off)
   c.meta.rule_pick = "fewest_rows"  # which: fewest_rows (most like emerging items) | random
@@ -83,6 +83,10 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.warmup.steps = 10             # shared fine-tuning: Adam steps per phase
   c.warmup.lr = 1e-2              # shared fine-tuning: Adam learning rate
   c.warmup.rule = "meta"          # EmerFlow's phase rule: meta (learned adapt) | finetune
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.test = True              # False: only the validation holdout is scored; emerging items' rows are never read (tuning)
+  c.eval.curves = True            # TensorBoard curves under <workdir>/seed_<s>/tb (clu metric writers)
 
   c.dropoutnet = ml_collections.ConfigDict()
   c.dropoutnet.rate = 0.02        # share of pretraining batches with the mean item embedding (CVAR code 0.1; ML-100K val)

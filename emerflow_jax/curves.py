@@ -1,0 +1,95 @@
+"""Training curves as TensorBoard event files, through ``clu.metric_writers``.
+
+As in the Flax examples: one writer per run folder
+(``metric_writers.create_default_writer``), scalars written at integer steps,
+and only process 0 writes files (other hosts only log).  Stages take an
+optional writer; ``None`` writes nothing, so library code never needs one.
+
+Tags: ``pretrain/<role>/loss`` per epoch, ``align/fvu_train`` and
+``align/fvu_heldout`` per check, ``meta/...`` (losses, step sizes) per epoch,
+``val_auc/<phase>`` at step = phase index.  Open them with
+``tensorboard --logdir <workdir>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator, Mapping
+
+import jax
+import ml_collections
+
+
+class _Prefixed:
+  """A writer that prepends ``prefix/`` to every tag."""
+
+  def __init__(self, inner: Any, prefix: str):
+    self.inner, self.prefix = inner, prefix
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    self.inner.write_scalars(step, {f"{self.prefix}/{k}": v for k, v in scalars.items()})
+
+
+@contextlib.contextmanager
+def writer(config: ml_collections.ConfigDict, logdir: str | os.PathLike
+           ) -> Iterator[Any]:
+  """A clu writer into ``logdir`` while the block runs (None if ``eval.curves`` is off).
+
+  Args:
+    config: the run config (``eval.curves``).
+    logdir: the folder of the event files.
+
+  Yields:
+    A ``clu.metric_writers`` writer, or None.
+  """
+  if not config.eval.curves:
+    yield None
+    return
+  # TensorFlow (behind clu's SummaryWriter) is heavy: imported only when used.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  w = metric_writers.create_default_writer(
+      os.fspath(logdir), just_logging=jax.process_index() > 0, asynchronous=False)
+  try:
+    yield w
+  finally:
+    w.flush()
+    w.close()
+
+
+def prefixed(w: Any, prefix: str) -> Any:
+  """``w`` writing under ``prefix/`` (None stays None)."""
+  return None if w is None else _Prefixed(w, prefix)
+
+
+def write(w: Any, step: int, scalars: Mapping[str, Any]) -> None:
+  """Writes ``scalars`` at ``step`` if there is a writer (values made float)."""
+  if w is not None:
+    w.write_scalars(int(step), {k: float(v) for k, v in scalars.items()})
+
+
+def read_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+  """Every scalar in the event files under ``logdir``: tag -> [(step, value)].
+
+  Reads the files back with TensorBoard's own event reader, so a test can
+  check that a curve is really on disk.
+  """
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  out: dict[str, list[tuple[int, float]]] = {}
+  for root, _, files in os.walk(os.fspath(logdir)):
+    if not any(f.startswith("events.out.tfevents") for f in files):
+      continue
+    acc = event_accumulator.EventAccumulator(
+        root, size_guidance={event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 0})
+    acc.Reload()
+    for tag in acc.Tags().get("tensors", []):
+      for e in acc.Tensors(tag):
+        out.setdefault(tag, []).append((int(e.step), _tensor_value(e.tensor_proto)))
+    for tag in acc.Tags().get("scalars", []):
+      out.setdefault(tag, []).extend((int(e.step), float(e.value)) for e in acc.Scalars(tag))
+  return out
+
+
+def _tensor_value(proto: Any) -> float:
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  return float(tensor_util.make_ndarray(proto))
