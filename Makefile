@@ -41,7 +41,9 @@ run: setup
 	  --config=experiments/configs/movielens100k.py --workdir=runs/movielens100k \
 	  --methods=base,dropoutnet,metaemb,mwuf,cvar,emerflow --backbones=deepfm \
 	  --seeds=$(SEEDS)
+	@cat runs/movielens100k/comparison.md
 	@echo "Table: runs/movielens100k/comparison.md  Plot: runs/movielens100k/comparison.png"
+	@echo "Curves: tensorboard --logdir runs/movielens100k"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
