@@ -1,8 +1,7 @@
 """Training curves as TensorBoard event files, through ``clu.metric_writers``.
 
-As in the Flax examples: one writer per run folder
-(``metric_writers.create_default_writer``), scalars written at integer steps,
-and only process 0 writes files (other hosts only log).  Stages take an
+As in the Flax examples: one ``metric_writers`` writer per run folder,
+scalars written at integer steps, and only process 0 writes files.  Stages take an
 optional writer; ``None`` writes nothing, so library code never needs one.
 
 Tags: ``pretrain/<role>/loss`` per epoch, ``align/fvu_train`` and
@@ -46,10 +45,13 @@ def writer(config: ml_collections.ConfigDict, logdir: str | os.PathLike
   if not config.eval.curves:
     yield None
     return
+  if jax.process_index() > 0:  # one host writes the files
+    yield None
+    return
   # TensorFlow (behind clu's SummaryWriter) is heavy: imported only when used.
+  # Only the event-file writer: the stages log their own progress lines.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  w = metric_writers.create_default_writer(
-      os.fspath(logdir), just_logging=jax.process_index() > 0, asynchronous=False)
+  w = metric_writers.SummaryWriter(os.fspath(logdir))
   try:
     yield w
   finally:
