@@ -19,6 +19,18 @@ warm phase p with the step size learned for phase p.
 Both the meta-training step and the warm-up rule split their task/item axis
 over every device (``sharding.task_mesh``); one device is the trivial case.
 
+Which ``meta`` options combine (anything else raises in ``plan``):
+
+- where meta-tasks come from: old items of the main backbone (default when
+  ``rule_holdout = holdout_fraction = 0``; ``crossfit_folds > 1`` then starts
+  them from out-of-fold mapper outputs), items held out of main's pretraining
+  (``holdout_fraction > 0``), or items held out of an auxiliary backbone
+  (``rule_holdout > 0``, the default; only ``RULE_PARAMS`` carry over, so
+  ``train_init`` must be off);
+- ``phase_alpha`` needs ``tasks="flow"``; ``cold_in_outer`` needs
+  ``learn_shrink`` (nothing else changes the cold phase);
+- ``support_rows`` is read by chunk tasks only (flow tasks use ``data.k``).
+
 Ablations: ``emerflow_no_llm`` (r_i from the raw-feature text only),
 ``emerflow_no_align`` (meta-learning from one learned shared init, no mapper),
 ``emerflow_no_meta`` (aligned cold embedding + the shared fine-tuning).
