@@ -1,15 +1,18 @@
-r"""Runs one ``experiments.run`` trial per point of a hyperparameter sweep.
+r"""Runs a hyperparameter sweep on Optuna, one ``experiments.run`` per trial.
 
   python -m experiments.sweep --config=experiments/configs/movielens100k.py \
       --grid='meta.inner_steps=1,3,5;meta.alpha=0.05,0.1' --workdir=/tmp/sweep \
-      [--workers=2] [--random=4 --seed=0] [--config.seeds=1]
+      [--sampler=grid|random|tpe --trials=N --seed=0] [--workers=2] \
+      [--storage=postgresql://user@host/db --study=NAME] [--config.seeds=1]
 
 Without ``--grid`` the points come from ``get_sweep()`` in the config file.
-``--random=N`` runs N points drawn from the grid.  ``--config.<k>=<v>`` flags
-apply to every trial.  Each trial runs in ``<workdir>/<name from its
-overrides>``; finished trials are skipped on a re-run, failed ones are
-recorded and retried.  Writes <workdir>/sweep.json and sweep.md, ranked by
-validation AUC.
+``--sampler=grid`` (default) runs every point once; ``random``/``tpe`` run
+``--trials`` draws from the grid's axes.  ``--config.<k>=<v>`` flags apply to
+every trial.  The study is SQLite ``<workdir>/study.db`` unless ``--storage``
+names a server database; more invocations of this command on the same study
+(other shells or machines) share its trials.  Re-running resumes: COMPLETE
+trials are kept, failed grid points are retried.  Writes <workdir>/sweep.json
+and sweep.md, ranked by validation AUC.
 """
 
 import os
@@ -21,11 +24,15 @@ from emerflow_jax import sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (trial folders).")
 _GRID = flags.DEFINE_string("grid", None, "'key=v1,v2;key2=v3,...' (else get_sweep()).")
-_WORKERS = flags.DEFINE_integer("workers", 1, "Trials run in parallel.")
-_RANDOM = flags.DEFINE_integer("random", 0, "Run this many random grid points (0: all).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random points.")
+_SAMPLER = flags.DEFINE_enum("sampler", "grid", list(sweep.SAMPLERS), "Optuna sampler.")
+_TRIALS = flags.DEFINE_integer("trials", None, "Trials in all for random/tpe.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampler seed.")
+_STORAGE = flags.DEFINE_string("storage", None,
+                               "Optuna RDB URL (default: sqlite in the workdir).")
+_STUDY = flags.DEFINE_string("study", "sweep", "Study name in the storage.")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Trials this process runs in parallel.")
 _TIMEOUT = flags.DEFINE_float("timeout", None, "Seconds per trial (default: none).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -35,20 +42,23 @@ def main(argv):
   config_flag = flags.FLAGS["config"]
   path = config_flags.get_config_filename(config_flag)
   base = dict(config_flags.get_override_values(config_flag))
+  axes = points = None
   if _GRID.value:
     axes = sweep.parse_grid(_GRID.value)
-    points = (sweep.random_points(axes, _RANDOM.value, _SEED.value) if _RANDOM.value
-              else sweep.grid_points(axes))
+    sweep.check_keys(_CONFIG.value, [axes])
   else:
     points = sweep.load_config_sweep(path)
     if points is None:
       raise app.UsageError(f"no --grid and no get_sweep() in {path}")
-  sweep.check_keys(_CONFIG.value, points)
-  logging.info("sweep: %d trials, %d at a time", len(points), _WORKERS.value)
+    sweep.check_keys(_CONFIG.value, points)
+  if _SAMPLER.value != "grid" and not _TRIALS.value:
+    raise app.UsageError(f"--sampler={_SAMPLER.value} needs --trials")
   repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  summary = sweep.run_sweep(path, points, _WORKDIR.value, workers=_WORKERS.value,
-                            base=base, cwd=repo_root, timeout=_TIMEOUT.value,
-                            log=logging.info)
+  summary = sweep.run_sweep(path, points, _WORKDIR.value, axes=axes,
+                            sampler=_SAMPLER.value, n_trials=_TRIALS.value,
+                            seed=_SEED.value, storage=_STORAGE.value,
+                            study_name=_STUDY.value, workers=_WORKERS.value, base=base,
+                            cwd=repo_root, timeout=_TIMEOUT.value, log=logging.info)
   best = summary["best"]
   logging.info("sweep: %s; best by validation: %s", summary["counts"],
                best["name"] if best else "none")
