@@ -1,0 +1,184 @@
+"""Equal-budget tuning: every method gets the same number of Optuna trials.
+
+DESIGN §10: each method is tuned over its own declared space
+(``methods.get_method(name).plan(config).search_space``), with the same
+number of trials, on the validation holdout of old items only.  A trial is
+one run with ``eval.test=False``: the harness then removes the emerging items
+from the split before anything is built, so a trial cannot read a test row
+(``train.run_seed``); ``tune_method`` also refuses a trial result that holds
+a test AUC.
+
+The objective is the mean validation AUC over all four phases (cold, warm_a,
+warm_b, warm_c), averaged over the trial seeds: a method is chosen for the
+whole cold-to-warm curve, as it is reported.
+
+Layout under ``workdir``::
+
+  tune.db                          the studies (SQLite), unless ``storage``
+  tuning/<method>_<backbone>/t000/ one run per trial (results.json, seed_<s>/)
+  <method>_<backbone>/chosen.json  the chosen overrides and their score
+  <method>_<backbone>/results.json the test run with them (``tune_and_run``)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import pathlib
+from typing import Any, Callable, Mapping
+
+import ml_collections
+
+from emerflow_jax import methods, protocol, results, space, study, sweep, train
+
+OBJECTIVE = ("mean over trial seeds of the mean validation AUC over cold, warm_a, "
+             "warm_b and warm_c (held-out old items; no test row is read)")
+
+
+def run_name(method: str, backbone: str) -> str:
+  return f"{method.replace(':', '-')}_{backbone}"
+
+
+def apply(config: ml_collections.ConfigDict, params: Mapping[str, Any]
+          ) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with dotted-key overrides set.
+
+  Raises:
+    KeyError: naming a key the config lacks.
+  """
+  c = copy.deepcopy(config)
+  for key, value in params.items():
+    node, *path, last = [c] + key.split(".")
+    for part in path:
+      node = node[part]
+    if last not in node:
+      raise KeyError(f"search-space key {key!r} is not a config field")
+    node[last] = type(node[last])(value) if isinstance(node[last], float) else value
+  return c
+
+
+def trial_config(config: ml_collections.ConfigDict, params: Mapping[str, Any],
+                 seeds: int) -> ml_collections.ConfigDict:
+  """The config of one tuning trial: ``params`` on ``config``, validation only."""
+  c = apply(config, params)
+  c.seeds = int(seeds)
+  c.eval.test = False
+  return c
+
+
+def objective(res: dict) -> float:
+  """The tuning objective of one trial's results.json (``OBJECTIVE``).
+
+  Raises:
+    ValueError: the run scored test rows, or has no validation AUC.
+  """
+  if res.get("auc") is not None or res.get("f1") is not None:
+    raise ValueError("a tuning trial scored the test rows; it must run with "
+                     "eval.test=False")
+  score = sweep.validation_score(res, protocol.PHASES)
+  if score is None:
+    raise ValueError("a tuning trial has no validation AUC (data.val_fraction = 0?)")
+  return score
+
+
+def tune_method(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                n_trials: int, sampler: str = "tpe", seed: int = 0,
+                trial_seeds: int = 1, storage: str | None = None,
+                run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+                log: Callable[[str], None] = logging.info) -> dict:
+  """Tunes ``config.method`` with ``config.backbone`` (or reads its choice back).
+
+  Args:
+    config: the run config (method and backbone set); its values are the
+      starting point and every key outside the space stays as it is.
+    workdir: the tuning folder (layout in the module docstring).
+    n_trials: trials for this method (every method gets the same).
+    sampler: "tpe" or "random".
+    seed: the sampler's seed.
+    trial_seeds: seeds per trial, starting at ``config.seed``.
+    storage: an Optuna RDB URL (default: SQLite ``workdir/tune.db``); workers
+      sharing it share the trials.
+    run_fn: ``train.train_and_evaluate`` unless given.
+    log: progress messages.
+
+  Returns:
+    The chosen.json dict: {"method", "backbone", "params", "val_objective",
+    "objective", "n_trials", "space", "study"}.
+  """
+  if sampler not in ("tpe", "random"):
+    raise ValueError(f"tuning samples a space: want tpe or random, got {sampler!r}")
+  run_fn = run_fn or train.train_and_evaluate
+  workdir = pathlib.Path(workdir).absolute()
+  name = run_name(config.method, config.backbone)
+  params = dict(methods.get_method(config.method).plan(config).search_space)
+  # A method with nothing to tune needs one trial: more would repeat it.
+  budget = int(n_trials) if params else 1
+  trials_dir = workdir / "tuning" / name
+  trials_dir.mkdir(parents=True, exist_ok=True)
+  url = storage or study.sqlite_url(workdir / "tune.db")
+  st = study.open_study(url, f"tune-{name}", study.make_sampler(sampler, seed=seed))
+
+  def execute(number: int, values: dict, beat: Callable[[], None]) -> dict:
+    del beat  # in-process: the trial's own thread keeps the worker alive
+    run_dir = trials_dir / f"t{number:03d}"
+    attrs = {"workdir": str(run_dir.relative_to(workdir)), "overrides": values}
+    try:
+      res = run_fn(trial_config(config, values, trial_seeds), str(run_dir))
+      value = objective(res)
+    except Exception as e:  # pylint: disable=broad-except
+      raise study.TrialError(f"{type(e).__name__}: {e}", attrs) from e
+    return dict(attrs, value=value, val_auc=res.get("val_auc"))
+
+  study.work(st, lambda t: space.suggest(t, params), execute, n_trials=budget,
+             lock=study.lock_for(url), log=log)
+  complete = [t for t in st.get_trials(deepcopy=False)
+              if t.state == study.State.COMPLETE]
+  if not complete:
+    raise RuntimeError(f"tuning {name}: no trial finished; see the FAIL trials' "
+                       f"errors in {url} (study tune-{name})")
+  best = max(complete, key=lambda t: (t.value, -t.number))
+  chosen = {"method": config.method, "backbone": config.backbone,
+            "params": dict(best.params), "val_objective": best.value,
+            "objective": OBJECTIVE, "n_trials": len(complete), "budget": budget,
+            "trial_seeds": trial_seeds, "best_trial": best.number,
+            "space": {k: repr(v) for k, v in params.items()},
+            "study": f"tune-{name}"}
+  out = workdir / name
+  out.mkdir(parents=True, exist_ok=True)
+  results.write_json_atomic(out / "chosen.json", chosen)
+  return chosen
+
+
+def tune_and_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                 n_trials: int, test_seeds: int | None = None,
+                 run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+                 **kwargs) -> dict:
+  """Tunes ``config.method``, then runs its test seeds with the chosen config.
+
+  Args:
+    config: the run config (method and backbone set).
+    workdir: the tuning folder; the test run goes to ``<method>_<backbone>/``
+      next to its chosen.json.
+    n_trials: tuning trials.
+    test_seeds: seeds of the test run (default ``config.seeds``).
+    run_fn: ``train.train_and_evaluate`` unless given.
+    **kwargs: passed to ``tune_method``.
+
+  Returns:
+    The test run's results.json dict, with "chosen" (the chosen.json dict).
+  """
+  run_fn = run_fn or train.train_and_evaluate
+  chosen = tune_method(config, workdir, n_trials, run_fn=run_fn, **kwargs)
+  c = apply(config, chosen["params"])
+  c.seeds = int(test_seeds or config.seeds)
+  c.eval.test = True
+  res = run_fn(c, str(pathlib.Path(workdir).absolute() / run_name(c.method, c.backbone)))
+  return dict(res, chosen=chosen)
+
+
+def read_chosen(workdir: str | os.PathLike, method: str, backbone: str) -> dict | None:
+  """The chosen.json of a tuned method, or None."""
+  path = pathlib.Path(workdir) / run_name(method, backbone) / "chosen.json"
+  return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,103 @@
+"""Equal-budget tuning: the trial config, the objective, and no test row read."""
+
+import json
+
+import numpy as np
+import pytest
+
+from emerflow_jax import data, protocol, tasks, tune
+from experiments.configs import synthetic
+
+
+def _tiny_config(method="base"):
+  c = synthetic.get_config("smoke")
+  c.data.options.n_users = 100
+  c.data.options.n_items = 150
+  c.data.options.mean_count = 40.0
+  c.data.n_max, c.data.k = 40, 5
+  c.data.val_fraction = 0.2
+  c.method, c.backbone = method, "fm"
+  return c
+
+
+def test_trial_config_sets_the_space_and_turns_test_off():
+  c = _tiny_config()
+  t = tune.trial_config(c, {"warmup.lr": 0.02, "warmup.steps": 4}, seeds=2)
+  assert (t.warmup.lr, t.warmup.steps, t.seeds, t.eval.test) == (0.02, 4, 2, False)
+  assert c.eval.test and c.warmup.steps == _tiny_config().warmup.steps  # a copy
+  assert tune.apply(c, {"warmup.lr": 1})["warmup"]["lr"] == 1.0
+  assert isinstance(tune.apply(c, {"warmup.lr": 1}).warmup.lr, float)
+  with pytest.raises(KeyError, match="warmup.nope"):
+    tune.apply(c, {"warmup.nope": 1})
+
+
+def test_objective_is_the_four_phase_validation_mean_and_refuses_test():
+  val = {"cold": [0.5, 0.7], "warm_a": [0.6, 0.6], "warm_b": [0.7, 0.5],
+         "warm_c": [0.8, 0.6]}
+  res = {"auc": None, "f1": None, "val_auc": val}
+  assert tune.objective(res) == pytest.approx(np.mean([0.5, 0.7, 0.6, 0.6, 0.7, 0.5,
+                                                       0.8, 0.6]))
+  with pytest.raises(ValueError, match="test rows"):
+    tune.objective(dict(res, auc=val))
+  with pytest.raises(ValueError, match="validation"):
+    tune.objective({"auc": None, "f1": None})
+
+
+def test_tuning_never_reads_test_rows(tmp_path, monkeypatch):
+  config = _tiny_config("base")
+  ds = data.load_dataset(config.data)
+  split = protocol.split_emerging_items(ds, config.data.n_max, config.data.k)
+  emerging_row = np.isin(ds.items, split.emerging_items)
+  assert emerging_row.sum() > 0
+  packed = []  # every row index any stage packed into a batch
+  for name in ("pack_flat", "pack_phase"):
+    real = getattr(tasks, name)
+
+    def spy(ds_, rows, *a, _real=real, **k):
+      packed.append(np.asarray(rows).ravel())
+      return _real(ds_, rows, *a, **k)
+    monkeypatch.setattr(tasks, name, spy)
+
+  chosen = tune.tune_method(config, tmp_path, n_trials=2, sampler="random",
+                            log=lambda _: None)
+  touched = np.concatenate(packed)
+  assert touched.size > 0 and not emerging_row[touched].any()
+  trial_runs = sorted((tmp_path / "tuning" / "base_fm").glob("t*/results.json"))
+  assert len(trial_runs) == 2 == chosen["n_trials"]
+  for path in trial_runs:
+    res = json.loads(path.read_text())
+    assert res["auc"] is None and res["f1"] is None and not res["config"]["eval"]["test"]
+    assert all(np.isfinite(res["val_auc"][p]).all() for p in protocol.PHASES)
+  space_keys = tune.methods.get_method("base").plan(config).search_space
+  assert set(chosen["params"]) == set(space_keys)
+  saved = json.loads((tmp_path / "base_fm" / "chosen.json").read_text())
+  assert saved["params"] == chosen["params"]
+  best = max(tune.objective(json.loads(p.read_text())) for p in trial_runs)
+  assert saved["val_objective"] == pytest.approx(best)
+
+  # The spy can fail: the test run that follows does read the emerging rows.
+  packed.clear()
+  res = tune.tune_and_run(config, tmp_path, n_trials=2, sampler="random",
+                          log=lambda _: None)
+  assert emerging_row[np.concatenate(packed)].any()
+  assert res["auc"] is not None and res["chosen"]["params"] == chosen["params"]
+  run = json.loads((tmp_path / "base_fm" / "results.json").read_text())
+  for key, value in chosen["params"].items():
+    section, field = key.split(".")
+    assert run["config"][section][field] == pytest.approx(value)
+
+
+def test_a_method_without_a_space_gets_one_trial(tmp_path, monkeypatch):
+  config = _tiny_config("base")
+  calls = []
+  plan = tune.methods.get_method("base").plan(config)
+  monkeypatch.setattr(type(tune.methods.get_method("base")), "plan",
+                      lambda self, c: type(plan)(search_space={}))
+
+  def fake_run(c, workdir):
+    calls.append((c.eval.test, workdir))
+    return {"auc": None, "f1": None, "val_auc": {p: [0.6] for p in protocol.PHASES}}
+  chosen = tune.tune_method(config, tmp_path, n_trials=5, run_fn=fake_run,
+                            log=lambda _: None)
+  assert chosen["params"] == {} and chosen["n_trials"] == 1 and len(calls) == 1
+  assert calls[0][0] is False
