@@ -8,6 +8,7 @@ Each dataset reads one sub-folder of the data directory (see ``paths``):
 | movielens1m   | movielens-1m/          | movielens.load_movielens1m      |
 | disgenet      | disgenet-curated-v7/   | disgenet.load_disgenet          |
 | repodb        | repodb/                | repodb.load_repodb              |
+| clinical_trials | clinical-trials/     | clinical_trials.load_clinical_trials |
 | synthetic     | (generated)            | synthetic.make_synthetic        |
 """
 
@@ -25,6 +26,8 @@ READERS = {
     "movielens1m": ("movielens", "load_movielens1m", "movielens-1m"),
     "disgenet": ("disgenet", "load_disgenet", "disgenet-curated-v7"),
     "repodb": ("repodb", "load_repodb", "repodb"),
+    "clinical_trials": ("clinical_trials", "load_clinical_trials",
+                        "clinical-trials"),
     "synthetic": ("synthetic", "make_synthetic", None),
 }
 
