@@ -154,18 +154,21 @@ def _test_row_leaks(rows: list[tuple], n_max: int, k: int) -> list[tuple]:
 
 def test_guard_drops_straddling_and_combination_rows():
   # N=6, K=1.  Emerging A's trial T3 has two diseases across its 3K=3
-  # boundary, and its test trial T4 is also run with old drug B; B then has
-  # 6 rows and becomes emerging, so old C loses its row of B's test trial T9.
+  # boundary (so has old C's T12), and A's test trial T4 is also run with old
+  # drug B; B then has 6 rows and becomes emerging, so old C loses its row of
+  # B's test trial T9.
   rows = _rows({"A": ["T1", "T2", "T3", "T3", "T4"],
                 "B": ["T4", "T5", "T6", "T7", "T8", "T9", "T10"],
-                "C": ["T9", "T11", "T12", "T13", "T14", "T15", "T16", "T17"]})
+                "C": ["T9", "T11", "T12", "T12", "T14", "T15", "T16", "T17",
+                      "T18"]})
   assert _test_row_leaks(rows, 6, 1)
   kept, stats = ct.guard_trials(rows, 6, 1)
   assert _test_row_leaks(kept, 6, 1) == []
-  assert stats == {"straddling_rows_dropped": 1,
+  assert stats == {"straddling_rows_dropped": 2,
                    "combination_rows_dropped": 2, "passes": 3}
   assert sorted(set(rows) - set(kept)) == [
-      (3, "T3", "A", "D3"), (4, "T4", "B", "D0"), (9, "T9", "C", "D0")]
+      (3, "T3", "A", "D3"), (4, "T4", "B", "D0"), (9, "T9", "C", "D0"),
+      (12, "T12", "C", "D3")]
   assert ct.guard_trials(rows, 0, 1) == (rows, {
       "straddling_rows_dropped": 0, "combination_rows_dropped": 0,
       "passes": 0})
@@ -265,18 +268,22 @@ def test_real_repeated_pairs(unguarded):
 
 def test_real_split_counts_and_no_same_trial_leak(guarded):
   ds = guarded
-  assert (ds.n_rows, ds.n_items, ds.n_users) == (15084, 582, 115)
-  assert ds.info["guard"] == {"straddling_rows_dropped": 21,
+  assert (ds.n_rows, ds.n_items, ds.n_users) == (15074, 582, 115)
+  assert ds.info["guard"] == {"straddling_rows_dropped": 31,
                               "combination_rows_dropped": 952, "passes": 4,
                               "n_max": N, "k": K}
   split = protocol.split_emerging_items(ds, N, K)
   assert split.counts() == {
-      "old_items": 73, "emerging_items": 159, "base_rows": 10931,
+      "old_items": 73, "emerging_items": 159, "base_rows": 10921,
       "test_rows": 1711, "warm_a_rows": 477, "warm_b_rows": 477,
       "warm_c_rows": 477}
   assert len(set(split.test_owner.tolist())) == 139
   trials = ds.info["row_trials"]
   base = set(trials[split.base_rows].tolist())
+  groups = protocol.rows_by_item(ds.items, ds.times, ds.n_items)
+  for g in groups:  # no drug's trial straddles its 3K boundary
+    if len(g) > 3 * K:
+      assert not set(trials[g[:3 * K]]) & set(trials[g[3 * K:]])
   for j in range(len(split.emerging_items)):
     warm = {t for p in protocol.WARM_PHASES
             for t in trials[split.warm_rows[p][j]].tolist()}

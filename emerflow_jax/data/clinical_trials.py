@@ -23,16 +23,18 @@ Rows of one trial share one label (the trial's outcome).  The protocol cuts
 by row position and knows nothing of trials, so given the split's N and K
 (``guard_n_max``, ``guard_k``; the configs pass theirs) the reader drops the
 rows through which a test row's own outcome would reach a model:
-  * a trial with several diseases that straddles an emerging drug's
-    warm_c/test boundary (position 3K) loses its test-side rows: the warm row
-    would hand the test row its label;
+  * a trial with several diseases that straddles a drug's warm_c/test
+    boundary (position 3K) loses its test-side rows: the warm row would hand
+    the test row its label (old drugs are cut there too, by flow meta-tasks
+    and the validation holdout);
   * a combination trial with a test row and rows of an old drug loses the old
     drug's rows: pretraining would see the test row's outcome through the
     disease (measured: the disease's pretraining positive rate scores .591
     test AUC with those rows, .584 without).
 Rows of one trial with another *emerging* drug stay: warm-up refines one
 drug's embedding at a time on a frozen backbone.  The validation holdout is
-drawn from old drugs at training time and is not guarded (it only chooses).
+drawn from old drugs at training time, so its combination trials are not
+guarded (it only chooses).
 
 A (drug, disease) pair tested again in a later trial stays a new row: it is a
 new experiment with its own outcome, and an earlier outcome of the pair is
@@ -292,8 +294,9 @@ def guard_trials(rows: list[tuple], n_max: int, k: int
   more than N rows pretrain the backbone, and an emerging drug's rows from
   3K on are its test rows.  Rows of one trial share one label, so two leaks
   are possible, and both are removed here:
-    * a trial straddling an emerging drug's 3K boundary: its test-side rows
-      are dropped (its warm rows stay: they were seen first);
+    * a trial straddling a drug's 3K boundary: its test-side rows are dropped
+      (its warm rows stay: they were seen first).  This holds for old drugs
+      too, whose 3K boundary flow meta-tasks and the validation holdout cut;
     * a trial with a test row and a row of an old drug (a combination trial):
       the old drug's rows of it are dropped, so pretraining never sees the
       outcome of a test row's own trial.
@@ -321,13 +324,15 @@ def guard_trials(rows: list[tuple], n_max: int, k: int
       by_drug[r[2]].append(i)
     straddle, test_trials = set(), set()
     for idx in by_drug.values():
-      if not 3 * k <= len(idx) <= n_max:
+      if len(idx) < 3 * k:
         continue
+      # Old drugs too: their 3K boundary is where flow meta-tasks and the
+      # validation holdout cut them.
       edge = rows[idx[3 * k - 1]][1]
       for i in idx[3 * k:]:
         if rows[i][1] == edge:
           straddle.add(i)
-        else:
+        elif len(idx) <= n_max:
           test_trials.add(rows[i][1])
     combo = {i for idx in by_drug.values() if len(idx) > n_max
              for i in idx if rows[i][1] in test_trials}

@@ -12,23 +12,24 @@ start month, undated trials in NCT-number order.  The join gives 16,057 rows
 (8,423 trials; 39 TrialBench/IQVIA conflicts, TrialBench wins; 3,350 IQVIA
 trials with an unknown outcome and 2 with both outcomes dropped; 2,181 trials
 / 3,995 rows undated).  The split guard (emerflow_jax/data/clinical_trials.py)
-then drops the 21 test-side rows of trials straddling an emerging drug's 3K
-boundary and the 952 old-drug rows of combination trials that hold a test
-row, leaving 15,084 rows over 582 drugs and 115 diseases.
+then drops the 31 test-side rows of trials straddling a drug's 3K boundary
+and the 952 old-drug rows of combination trials that hold a test row,
+leaving 15,074 rows over 582 drugs and 115 diseases.
 
 N and K come from the rows-per-drug distribution (median 5; 65 drugs > 50,
 80 with 20-50).  Candidates, after the guard:
 
 | N, K | old drugs (rows) | emerging (with test rows) | rows per warm phase | test rows |
 |---|---|---|---|---|
-| 30, 3 | 95 (12,016) | 137 (117) | 411 | 1,077 |
-| 40, 3 | 73 (10,931) | 159 (139) | 477 | 1,711 |
-| 50, 3 | 49 (9,401) | 183 (163) | 549 | 2,603 |
+| 30, 3 | 95 (12,006) | 137 (117) | 411 | 1,077 |
+| 40, 3 | 73 (10,921) | 159 (139) | 477 | 1,711 |
+| 40, 4 | 75 (11,203) | 122 (108) | 488 | 1,271 |
+| 50, 3 | 49 (9,391) | 183 (163) | 549 | 2,603 |
 
 N = 40 keeps 73 old drugs, which hold 72% of all rows, for pretraining and for
 the flow meta-tasks (7 go to the validation holdout), and 159 emerging drugs
 with 1,711 test rows (48.7% positive).  K = 3 is the smallest warm phase that
-is still a few trials; K = 4 leaves only ~116 emerging drugs.
+is still a few trials; K = 4 leaves 122 emerging drugs.
 
 Repeated pairs stay as new rows.  13,369 rows (83%) repeat a (drug, disease)
 pair of a strictly earlier trial, yet the pair's last outcome agrees with the
