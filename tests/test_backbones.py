@@ -122,6 +122,70 @@ def test_grad_wrt_item_emb_matches_finite_differences(world):
       np.testing.assert_allclose(float(g[2, d]), float(fd), rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("mlp", [(8,), (8, 6)])
+def test_prepared_rows_score_exactly_as_the_full_forward(world, mlp, random_params):
+  model, tables, params, _ = world
+  if tuple(model.mlp) != mlp:
+    model = model.clone(mlp=mlp)
+    params = random_params(model, tables, seed=3)
+  u, i = _rows((2, 4), seed=5)
+  rng = np.random.default_rng(6)
+  e = jnp.asarray(rng.normal(size=(2, 4, 4)), jnp.float32)
+  prep = backbones.prepare_rows(model, params, tables, u, i)
+  assert ("users" in prep) == (model.kind not in backbones.PARTIAL_KINDS)
+  full = backbones.score(model, params, tables, u, i, e)
+  got = backbones.score_prepared(model, params, tables, prep, e)
+  assert got.shape == (2, 4)
+  np.testing.assert_allclose(got, full, rtol=1e-6, atol=1e-6)
+  # One [d] embedding for every row, as an item task scores its rows.
+  one = e[0, 0]
+  np.testing.assert_allclose(
+      backbones.score_prepared(model, params, tables, prep, one),
+      backbones.score(model, params, tables, u, i, jnp.broadcast_to(one, e.shape)),
+      rtol=1e-6, atol=1e-6)
+  # vmapped over tasks equals a loop over tasks.
+  vm = jax.vmap(lambda uu, ii, ee: backbones.score_prepared(
+      model, params, tables, backbones.prepare_rows(model, params, tables, uu, ii), ee),
+                in_axes=(0, 0, 0))(u, i, e[:, 0])
+  for t in range(2):
+    p_t = backbones.prepare_rows(model, params, tables, u[t], i[t])
+    np.testing.assert_allclose(vm[t], backbones.score_prepared(
+        model, params, tables, p_t, e[t, 0]), rtol=1e-6, atol=1e-6)
+
+
+def test_prepared_grads_match_finite_differences_and_the_full_forward(world):
+  model, tables, params, _ = world
+  u, i = _rows(seed=7)
+  labels = jnp.asarray([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+  rng = np.random.default_rng(8)
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    e = jnp.asarray(rng.normal(size=(4,)), jnp.float64)
+    v = jnp.asarray(rng.normal(size=(4,)), jnp.float64)
+    prep = backbones.prepare_rows(model, p64, tables, u, i)
+
+    def loss(emb):
+      return backbones.bce_loss(backbones.score_prepared(model, p64, tables, prep, emb),
+                                labels)
+
+    def full(emb):
+      emb = jnp.broadcast_to(emb, (8, 4))
+      return backbones.bce_loss(backbones.score(model, p64, tables, u, i, emb), labels)
+
+    g = jax.grad(loss)(e)
+    h = 1e-6
+    fd = (loss(e + h * v) - loss(e - h * v)) / (2 * h)
+    np.testing.assert_allclose(float(jnp.vdot(g, v)), float(fd), rtol=1e-6)
+    assert abs(float(fd)) > 1e-3
+    np.testing.assert_allclose(g, jax.grad(full)(e), rtol=1e-9, atol=1e-12)
+    # Second order too: the meta-gradient differentiates the inner gradient.
+    hv = jax.jvp(jax.grad(loss), (e,), (v,))[1]
+    fd2 = (jax.grad(loss)(e + h * v) - jax.grad(loss)(e - h * v)) / (2 * h)
+    np.testing.assert_allclose(hv, fd2, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(hv, jax.jvp(jax.grad(full), (e,), (v,))[1],
+                               rtol=1e-9, atol=1e-12)
+
+
 def test_bce_loss_masked_mean():
   logits = jnp.asarray([0.0, 2.0, -1.0, 5.0])
   labels = jnp.asarray([1.0, 0.0, 1.0, 0.0])

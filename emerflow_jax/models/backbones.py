@@ -117,6 +117,95 @@ def score(model: Backbone, params: Any, tables: Tables, users: jnp.ndarray,
   return model.apply(params, x, item_emb=item_emb).reshape(shape)
 
 
+# Backbones whose logits are exactly ``c + u . e + deep(pre + W e)`` in the item
+# embedding e: everything else in a row's forward pass can be computed once.
+PARTIAL_KINDS = ("deepfm", "widedeep", "fm")
+
+
+def prepare_rows(model: Backbone, params: Any, tables: Tables, users: jnp.ndarray,
+                 items: jnp.ndarray) -> dict[str, jnp.ndarray]:
+  """The part of the rows' logits that does not depend on the item embedding.
+
+  An inner loop changes only the item embedding e, so for DeepFM, Wide&Deep
+  and FM everything else (the other fields' embeddings, the FM and wide terms
+  they give, the first MLP layer's other inputs) is computed here once:
+
+    logit(e) = bias + lin . e + deep(relu(pre + W1_item e))
+
+  where the FM term 0.5 sum[(S + e)^2 - Q - e^2] = 0.5 sum[S^2 - Q] + S . e
+  (S, Q: sum and sum of squares of the other fields' embeddings) is linear in
+  e.  DCN's cross layers are not (x0 holds e), so it keeps the rows and
+  ``score_prepared`` runs the full forward pass.
+
+  Args:
+    model: the backbone.
+    params: its parameters.
+    tables: feature tables.
+    users: S int user indices.
+    items: S int item indices.
+
+  Returns:
+    {"bias": S, "lin": S + [d], "pre": S + [H1] (deep kinds)} for
+    ``PARTIAL_KINDS``; {"users", "items"} (S) otherwise.
+  """
+  if model.kind not in PARTIAL_KINDS:
+    return {"users": users, "items": items}
+  shape, d = users.shape, model.dim
+  x = gather_inputs(tables, users.reshape(-1), items.reshape(-1))
+  zero = jnp.zeros((users.size, d), jnp.float32)
+  p = params["params"]
+  e = layers.FieldEmbedding(model.vocab_sizes, d).apply({"params": p["embed"]}, x, zero)
+  flat = e.reshape(e.shape[0], -1)  # the item slot holds zeros
+  lo, hi = _item_slot(model)
+  w_lin = p["linear"]["kernel"][:, 0]
+  bias = flat @ w_lin + p["linear"]["bias"][0]
+  lin = jnp.broadcast_to(w_lin[lo:hi], flat.shape[:1] + (d,))
+  if model.kind in ("deepfm", "fm"):
+    s = e.sum(axis=1)
+    bias = bias + 0.5 * (s * s - (e * e).sum(axis=1)).sum(axis=-1)
+    lin = lin + s
+  out = {"bias": bias.reshape(shape), "lin": lin.reshape(shape + (d,))}
+  if model.kind != "fm":
+    first = p["mlp"]["Dense_0"]
+    pre = flat @ first["kernel"] + first["bias"]
+    out["pre"] = pre.reshape(shape + pre.shape[-1:])
+  return out
+
+
+def score_prepared(model: Backbone, params: Any, tables: Tables,
+                   prepared: dict[str, jnp.ndarray], item_emb: jnp.ndarray) -> jnp.ndarray:
+  """Logits of prepared rows (``prepare_rows``) with item embeddings ``item_emb``.
+
+  Args:
+    model, params, tables: the backbone (tables are read by the fallback only).
+    prepared: ``prepare_rows`` of S rows.
+    item_emb: S + [d] item embeddings, or [d] for all rows.
+
+  Returns:
+    S logits, equal to ``score(..., item_emb)`` up to float rounding.
+  """
+  if "users" in prepared:
+    users = prepared["users"]
+    e = jnp.broadcast_to(item_emb, users.shape + (model.dim,))
+    return score(model, params, tables, users, prepared["items"], e)
+  p = params["params"]
+  out = prepared["bias"] + (prepared["lin"] * item_emb).sum(axis=-1)
+  if "pre" not in prepared:
+    return out
+  lo, hi = _item_slot(model)
+  h = jax.nn.relu(prepared["pre"] + item_emb @ p["mlp"]["Dense_0"]["kernel"][lo:hi])
+  for i in range(1, len(model.mlp)):
+    dense = p["mlp"][f"Dense_{i}"]
+    h = jax.nn.relu(h @ dense["kernel"] + dense["bias"])
+  return out + (h @ p["deep_out"]["kernel"])[..., 0] + p["deep_out"]["bias"][0]
+
+
+def _item_slot(model: Backbone) -> tuple[int, int]:
+  """Columns of the item-ID embedding in the flattened [F * d] field stack."""
+  j = [k for k, _ in model.vocab_sizes].index(ITEM_ID)
+  return j * model.dim, (j + 1) * model.dim
+
+
 def bce_loss(logits: jnp.ndarray, labels: jnp.ndarray,
              mask: jnp.ndarray | None = None) -> jnp.ndarray:
   """Mean binary cross-entropy over the rows where mask is 1."""
