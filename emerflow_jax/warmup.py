@@ -26,9 +26,38 @@ from emerflow_jax import tasks
 from emerflow_jax.models import backbones
 
 
+ROW_KEYS = ("users", "items", "labels", "mask")
+
+
+def prepare(model: backbones.Backbone, params: Any, tables: backbones.Tables,
+            rows: dict[str, jnp.ndarray]) -> dict[str, Any]:
+  """``rows`` plus "prep": what their logits owe to everything but the item embedding.
+
+  Only the item embedding changes in a warm-up or inner loop, so the rest of
+  the rows' forward pass (``backbones.prepare_rows``) is computed once, before
+  the loop; ``item_logits`` and ``item_loss`` then score prepared rows with the
+  item-embedding-only scorer (exact for DeepFM, Wide&Deep and FM; the full
+  forward pass for DCN).
+
+  Args:
+    rows: {"users", "items", "labels", "mask"}, each of one shape S ([R] or
+      [n, R]).
+
+  Returns:
+    {"labels", "mask", "prep"} with S-shaped leaves in "prep" (+ a feature axis).
+  """
+  prep = backbones.prepare_rows(model, params, tables, rows["users"], rows["items"])
+  return {"labels": rows["labels"], "mask": rows["mask"], "prep": prep}
+
+
 def item_logits(model: backbones.Backbone, params: Any, tables: backbones.Tables,
-                emb: jnp.ndarray, rows: dict[str, jnp.ndarray]) -> jnp.ndarray:
-  """Logits [R] of one item's rows scored with embedding ``emb`` [d]."""
+                emb: jnp.ndarray, rows: dict[str, Any]) -> jnp.ndarray:
+  """Logits [R] of one item's rows scored with embedding ``emb`` [d].
+
+  ``rows`` are raw ({"users", "items", ...}) or ``prepare``d ({"prep", ...}).
+  """
+  if "prep" in rows:
+    return backbones.score_prepared(model, params, tables, rows["prep"], emb)
   e = jnp.broadcast_to(emb, rows["users"].shape + emb.shape)
   return backbones.score(model, params, tables, rows["users"], rows["items"], e)
 
@@ -39,7 +68,7 @@ def item_loss(model: backbones.Backbone, params: Any, tables: backbones.Tables,
 
   Args:
     emb: [d] the item's embedding.
-    rows: {"users", "items", "labels", "mask"} each [R].
+    rows: {"users", "items", "labels", "mask"} each [R], or ``prepare``d rows.
 
   Returns:
     scalar loss.
@@ -64,7 +93,8 @@ def finetune(model: backbones.Backbone, params: Any, tables: backbones.Tables,
   Returns:
     [n, d] refined embeddings.
   """
-  batch = {k: batch[k] for k in ("users", "items", "labels", "mask")}
+  # The rows' forward pass up to the item embedding, once for all steps.
+  batch = prepare(model, params, tables, {k: batch[k] for k in ROW_KEYS})
 
   def total(e):
     # Summing per-item losses gives each item exactly its own gradient.

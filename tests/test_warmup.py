@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from emerflow_jax import tasks, warmup
@@ -118,3 +119,28 @@ def test_item_loss_ignores_masked_rows(tiny_ds, tiny_split, tiny_backbone):
   sub = {k: v[:3] for k, v in one.items()}
   assert float(loss(e, half)) == pytest.approx(float(loss(e, sub)), rel=1e-6)
   assert float(loss(e, half)) != pytest.approx(full, rel=1e-6)
+
+
+def test_finetune_on_prepared_rows_equals_the_full_forward_fine_tuning(
+    tiny_ds, tiny_split, tiny_backbone):
+  """The item-embedding-only scorer changes nothing but the cost."""
+  bb = tiny_backbone
+  batch = _phase(tiny_ds, tiny_split)
+  emb = _emb(batch["users"].shape[0], seed=3)
+  tx = optax.adam(LR)
+
+  @jax.jit
+  def reference(e):  # the plain loop: every step runs the full forward pass
+    def total(e):
+      return jax.vmap(lambda x, r: warmup.item_loss(bb.model, bb.params, bb.tables, x, r))(
+          e, batch).sum()
+    opt = tx.init(e)
+    for _ in range(STEPS):
+      upd, opt = tx.update(jax.grad(total)(e), opt, e)
+      e = optax.apply_updates(e, upd)
+    return e
+
+  assert "prep" in warmup.prepare(bb.model, bb.params, bb.tables, batch)
+  out = warmup.finetune(bb.model, bb.params, bb.tables, emb, batch, steps=STEPS, lr=LR)
+  np.testing.assert_allclose(out, reference(emb), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(out, emb)
