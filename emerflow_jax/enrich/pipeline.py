@@ -15,7 +15,7 @@ import pathlib
 import time
 from typing import Any, Callable, Sequence
 
-from emerflow_jax.enrich import encode, generate, prompts, store
+from emerflow_jax.enrich import common, encode, prompts, store
 
 Item = tuple[str, dict[str, str]]  # (item key, raw features F_i)
 
@@ -58,10 +58,12 @@ def generate_texts(items: Sequence[Item], item_type: str,
   Returns:
     The manifest after the run.
   """
+  # The LM side (torch, transformers) loads only when texts are generated.
+  from emerflow_jax.enrich import generate  # pylint: disable=g-import-not-at-top
   store_dir = pathlib.Path(store_dir)
   store_dir.mkdir(parents=True, exist_ok=True)
   folder, gguf_file = generate.resolve_model_path(llm)
-  sha = generate.model_fingerprint(folder, gguf_file)
+  sha = common.model_fingerprint(folder, gguf_file)
   fixed = {"source": "llm", "prompt_version": prompts.PROMPT_VERSION,
            "item_type": item_type, "model_sha256": sha,
            "max_new_tokens": int(max_new_tokens), "do_sample": False}
@@ -114,7 +116,7 @@ def generate_texts(items: Sequence[Item], item_type: str,
       values = prompts.parse_feature_values(ans.text, features, item_type)
       records.append({"key": key, "features": values, "answer": ans.text,
                       "n_tokens": ans.n_tokens,
-                      "text": prompts.serialize(raw, values)})
+                      "text": common.serialize(raw, values)})
       tokens += ans.n_tokens
     store.append_records(texts_path, records)
     n_new += len(batch)
@@ -160,7 +162,7 @@ def item_texts(records: Sequence[dict[str, Any]],
   for key, raw in items:
     text = by_key.get(key, "")
     if not text:
-      text, n_fallback = prompts.serialize(raw, {}), n_fallback + 1
+      text, n_fallback = common.serialize(raw, {}), n_fallback + 1
     texts.append(text)
   return texts, n_fallback
 
@@ -207,7 +209,7 @@ def reparse(records: Sequence[dict[str, Any]], items: Sequence[Item],
       continue
     values = prompts.parse_feature_values(r["answer"], features, item_type)
     out.append(dict(r, features=values,
-                    text=prompts.serialize(raw_of[r["key"]], values)))
+                    text=common.serialize(raw_of[r["key"]], values)))
   return out
 
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 import re
 from typing import Mapping, Sequence
 
+from emerflow_jax.enrich import common
+
 PROMPT_VERSION = "emerflow-prompts-v1"
 # Answers are stored verbatim, so a parser change re-derives features and
 # texts from them without generating again; it bumps this instead.
 PARSER_VERSION = "emerflow-parser-v1"
 
 N_FEATURES = 6  # extra features asked for per item type
-MAX_VALUE_CHARS = 200  # a runaway generation must not dominate s_i
-PAIR_SEP = "; "
 
 SYSTEM = ("You are a domain expert. Answer in the exact format asked, without "
           "explanations.")
@@ -111,7 +111,7 @@ def item_prompt(item_type: str, raw: Mapping[str, str],
     Chat messages (system, one worked example when the type has one, question).
   """
   def ask(r: Mapping[str, str]) -> str:
-    return (f"{item_type.capitalize()}: {serialize(r, {})}\n"
+    return (f"{item_type.capitalize()}: {common.serialize(r, {})}\n"
             "Fill in each feature with a short value, one line per feature as "
             "'feature: value'.\nFeatures: " + ", ".join(features))
   messages = [{"role": "system", "content": SYSTEM}]
@@ -133,16 +133,7 @@ def default_features(item_type: str) -> list[str]:
   return list(DEFAULT_FEATURES.get(item_type, _GENERIC_FEATURES))
 
 
-_BULLET = re.compile(r"^\s*(?:[-*•]+|\d+\s*[.)]|[a-z]\))\s*", re.IGNORECASE)
 _NAME_OK = re.compile(r"^[a-z][a-z0-9 '&/-]*$")
-
-
-def normalize_name(name: str) -> str:
-  """Lower-cases a feature name and strips markup, bullets and ':' suffixes."""
-  name = _BULLET.sub("", name)
-  name = name.replace("*", "").replace("_", " ").replace("`", "")
-  name = name.split(":", 1)[0]
-  return " ".join(name.lower().split()).strip(" .,;-")
 
 
 def parse_feature_names(answer: str, item_type: str = "",
@@ -164,10 +155,10 @@ def parse_feature_names(answer: str, item_type: str = "",
   if len(lines) == 1 and "," in lines[0]:
     lines = lines[0].split(",")
   type_words = {item_type.lower(), item_type.lower() + "s"} - {""}
-  banned = {normalize_name(r) for r in reserved}
+  banned = {common.normalize_name(r) for r in reserved}
   names: list[str] = []
   for line in lines:
-    words = [w for w in normalize_name(line).split() if w not in type_words]
+    words = [w for w in common.normalize_name(line).split() if w not in type_words]
     name = " ".join(words)
     if (not name or name in banned or len(words) > max_words
         or not _NAME_OK.match(name)
@@ -250,62 +241,9 @@ def parse_feature_values(answer: str, features: Sequence[str],
   for j, m in enumerate(matches):
     name = next(alts[i] for i in range(len(alts)) if m.group(f"f{i}"))
     end = matches[j + 1].start() if j + 1 < len(matches) else len(answer)
-    value = clean_value(answer[m.end():end].split("\n", 1)[0])
+    value = common.clean_value(answer[m.end():end].split("\n", 1)[0])
     if (name in values or value.lower() in _EMPTY_VALUES
         or (name in example and is_near_copy(value, example[name]))):
       continue
     values[name] = value
   return {f: values[f] for f in features if f in values}
-
-
-def clean_value(value: str) -> str:
-  """One line, no pair separators or markup, no repeated comma parts, capped.
-
-  Repeated parts are the typical runaway of greedy decoding ("liver, kidneys,
-  liver, kidneys, ..."); keeping each part once keeps the information.
-  """
-  value = value.replace("*", "").replace(";", ",")
-  parts, seen = [], set()
-  for part in value.split(","):
-    part = " ".join(part.split())
-    if part and part.lower() not in seen:
-      seen.add(part.lower())
-      parts.append(part)
-  value = ", ".join(parts).strip(" ,.")
-  if len(value) > MAX_VALUE_CHARS:
-    value = value[:MAX_VALUE_CHARS].rsplit(" ", 1)[0].rstrip(" ,")
-  return value
-
-
-def serialize(raw: Mapping[str, str], generated: Mapping[str, str]) -> str:
-  """s_i: the raw then the generated features as ``name: content`` pairs.
-
-  Empty values are skipped; a generated feature never overrides a raw one of the
-  same name (the raw fact wins over the model's guess).
-
-  Example: ``title: Toy Story; year: 1995; genres: Comedy; mood: playful``.
-  """
-  pairs: list[str] = []
-  seen: set[str] = set()
-  for source in (raw, generated):
-    for name, value in source.items():
-      key = normalize_name(str(name)) or str(name)
-      value = clean_value(str(value))
-      if key in seen or not value:
-        continue
-      seen.add(key)
-      pairs.append(f"{str(name).replace('_', ' ')}: {value}")
-  return PAIR_SEP.join(pairs)
-
-
-def parse_serialized(text: str) -> dict[str, str]:
-  """Inverse of ``serialize`` for texts in the same format (importers use it)."""
-  out: dict[str, str] = {}
-  for part in text.split(";"):
-    if ":" not in part:
-      continue
-    name, value = part.split(":", 1)
-    name, value = name.strip(), value.strip()
-    if name and value and name not in out:
-      out[name] = value
-  return out

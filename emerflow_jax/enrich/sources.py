@@ -21,6 +21,7 @@ import unicodedata
 from typing import Any
 
 from emerflow_jax.data import dataset, paths
+from emerflow_jax.enrich import common
 
 AGENT4REC_FILE = "ml1m-llm-summaries-agent4rec/movies_augmentation.csv"
 GALKARS_FILE = "ml1m-llm-attributes-galkars/derived_llm_item_text_by_ml_id.tsv"
@@ -124,7 +125,6 @@ def read_agent4rec(data_dir: pathlib.Path) -> dict[str, dict[str, str]]:
 
 def read_galkars(data_dir: pathlib.Path) -> dict[str, dict[str, str]]:
   """ML-1M id -> {attribute: values} parsed from the derived text file."""
-  from emerflow_jax.enrich import prompts  # pylint: disable=g-import-not-at-top
   path = data_dir / GALKARS_FILE
   paths.require_files(path.parent, [path.name])
   out = {}
@@ -136,7 +136,7 @@ def read_galkars(data_dir: pathlib.Path) -> dict[str, dict[str, str]]:
       parts = line.rstrip("\n").split("\t")
       if len(parts) != 3 or not parts[0].isdigit():
         raise dataset.DataError(f"{path}:{lineno}: expected id, title, text")
-      attrs = prompts.parse_serialized(parts[2])
+      attrs = common.parse_serialized(parts[2])
       if attrs:
         out[parts[0]] = attrs
   return out
@@ -211,7 +211,6 @@ def import_texts(ds: dataset.Dataset, source: str, data_dir: str | None = None
   Returns:
     (records, manifest fields with the match counts and rate).
   """
-  from emerflow_jax.enrich import generate, prompts  # pylint: disable=g-import-not-at-top
   if source not in SOURCE_FILES:
     raise dataset.DataError(f"unknown import source {source!r}; known: "
                             f"{sorted(SOURCE_FILES)}")
@@ -224,9 +223,9 @@ def import_texts(ds: dataset.Dataset, source: str, data_dir: str | None = None
     if mid is None or mid not in texts:
       continue
     records.append({"key": key, "ml1m_id": mid, "features": texts[mid],
-                    "text": prompts.serialize(raw, texts[mid])})
+                    "text": common.serialize(raw, texts[mid])})
   fields = {"source": source, "source_file": SOURCE_FILES[source],
-            "source_sha256": generate.file_sha256(root / SOURCE_FILES[source]),
+            "source_sha256": common.file_sha256(root / SOURCE_FILES[source]),
             "ml1m_match": counts, "n_with_text": len(records),
             "match_rate": round(len(matched) / max(len(ds.item_raw), 1), 4),
             "text_rate": round(len(records) / max(len(ds.item_raw), 1), 4)}
