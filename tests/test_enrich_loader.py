@@ -164,12 +164,14 @@ def test_committed_llm_texts_cover_every_item(name, data_dir):
   assert first["text"].startswith(common.serialize(ds.item_raw[0], {}))
 
 
-def test_binary_writes_an_import_store(tmp_path, data_dir):
+@pytest.mark.parametrize("how", [
+    ["--dataset=movielens100k", "--source=galkars"],
+    ["--config=experiments/configs/movielens100k.py", "--config.enrich.source=galkars"]])
+def test_binary_writes_an_import_store(tmp_path, data_dir, how):
   out = tmp_path / "store"
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.enrich", "--dataset=movielens100k",
-       "--source=galkars", f"--out={out}", "--skip_encode",
-       f"--data_dir={data_dir}"], capture_output=True, text=True,
+      [sys.executable, "-m", "experiments.enrich", *how, f"--out={out}",
+       "--skip_encode", f"--data_dir={data_dir}"], capture_output=True, text=True,
       env=dict(os.environ, PYTHONPATH=os.getcwd()))
   assert result.returncode == 0, result.stderr
   manifest = store.read_manifest(out)

@@ -43,6 +43,13 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.enrich.encoder = "minilm"     # sentence encoder name or local path
   c.enrich.cache_dir = ""         # cached vectors ("" -> user cache)
 
+  c.generate = ml_collections.ConfigDict()  # stage 1 offline (experiments.enrich); no run reads it
+  c.generate.llm = "smollm2"      # local LM: smollm2 (SmolLM2-135M-Instruct GGUF), a .gguf or an HF folder
+  c.generate.threads = 1          # torch threads
+  c.generate.device = "cpu"       # torch device of the LM (cuda on a GPU)
+  c.generate.batch_size = 16      # answers per generate call
+  c.generate.max_new_tokens = 96  # tokens per answer
+
   c.align = ml_collections.ConfigDict()
   c.align.hidden = (64,)          # mapper g_phi hidden sizes
   c.align.use_fields = False      # also feed the frozen backbone's item-field embeddings (off: chosen on validation)
