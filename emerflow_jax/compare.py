@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 import numpy as np
 
-from emerflow_jax import protocol, results, train
+from emerflow_jax import protocol, results, train, tune
 
 PHASES = list(protocol.PHASES)
 REFERENCE = "emerflow"
@@ -120,7 +120,8 @@ def finished_run(path: pathlib.Path, config: ml_collections.ConfigDict
 def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
              methods: Sequence[str], backbones: Sequence[str], seeds: int,
              run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
-             commit: str = "unknown") -> dict:
+             commit: str = "unknown", tune_trials: int = 0,
+             tune_kwargs: dict | None = None) -> dict:
   """Runs (or reads back) every method x backbone with ``seeds`` seeds.
 
   Args:
@@ -132,6 +133,12 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     run_fn: ``train.train_and_evaluate`` unless given (tests).
     commit: the code version running now; stored next to each run it
       produces (``stamp.json``), so a run read back later keeps its own.
+    tune_trials: when > 0, each method is first tuned with this many Optuna
+      trials on the validation holdout (``tune.tune_method``, studies in
+      ``<workdir>/tune.db``) and runs its seeds with the chosen overrides
+      (``<workdir>/<method>_<backbone>/chosen.json``).
+    tune_kwargs: more arguments of ``tune.tune_method`` (sampler, seed,
+      trial_seeds, storage).
 
   Returns:
     {"runs": [results.json dicts], "failed": [{"method", "backbone", "error"}],
@@ -147,6 +154,16 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     for method in methods:
       c = grid_config(config, method, backbone, seeds, cache)
       path = run_dir(workdir, method, backbone)
+      if tune_trials:
+        try:
+          chosen = tune.tune_method(c, workdir, tune_trials, run_fn=run_fn,
+                                    name=path.name, **(tune_kwargs or {}))
+        except Exception as e:  # pylint: disable=broad-except
+          logging.error("compare: tuning %s failed: %s", path.name, traceback.format_exc())
+          out["failed"].append({"method": method, "backbone": backbone,
+                                "error": f"tuning: {type(e).__name__}: {e}"})
+          continue
+        c = tune.apply(c, chosen["params"])
       done = finished_run(path, c)
       if done is not None:
         logging.info("compare: %s_%s finished, reading it back", method, backbone)

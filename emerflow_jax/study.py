@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import json
 import logging
+import os
 import pathlib
+import socket
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -107,10 +110,26 @@ def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler
     The study, maximising its objective.
   """
   kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+  url = driver_url(url)
   with lock_for(url)():  # two SQLite workers creating the tables at once collide
     storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     return optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                direction="maximize", load_if_exists=True)
+
+
+def driver_url(url: str) -> str:
+  """``postgresql://`` with the installed driver.
+
+  SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3; the pinned
+  requirement is psycopg2, so the URL names it unless psycopg 3 is there.
+  """
+  if not url.startswith("postgresql://"):
+    return url
+  try:
+    importlib.import_module("psycopg")
+    return url
+  except ImportError:
+    return "postgresql+psycopg2://" + url[len("postgresql://"):]
 
 
 def key(params: Mapping[str, Any]) -> str:
@@ -231,6 +250,7 @@ def work(st: optuna.Study, suggest: Callable[[optuna.Trial], dict],
     params = suggest(trial)
     claim = key(params)
     trial.set_user_attr("claim", claim)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("heartbeat", time.time())
     why = _yields(st, trial.number, claim, grid is not None, n_trials, wait_s)
     if why:

@@ -87,6 +87,7 @@ def tune_method(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 n_trials: int, sampler: str = "tpe", seed: int = 0,
                 trial_seeds: int = 1, storage: str | None = None,
                 run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+                name: str | None = None,
                 log: Callable[[str], None] = logging.info) -> dict:
   """Tunes ``config.method`` with ``config.backbone`` (or reads its choice back).
 
@@ -101,6 +102,7 @@ def tune_method(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     storage: an Optuna RDB URL (default: SQLite ``workdir/tune.db``); workers
       sharing it share the trials.
     run_fn: ``train.train_and_evaluate`` unless given.
+    name: the run's folder name (default ``<method>_<backbone>``).
     log: progress messages.
 
   Returns:
@@ -111,7 +113,7 @@ def tune_method(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     raise ValueError(f"tuning samples a space: want tpe or random, got {sampler!r}")
   run_fn = run_fn or train.train_and_evaluate
   workdir = pathlib.Path(workdir).absolute()
-  name = run_name(config.method, config.backbone)
+  name = name or run_name(config.method, config.backbone)
   params = dict(methods.get_method(config.method).plan(config).search_space)
   # A method with nothing to tune needs one trial: more would repeat it.
   budget = int(n_trials) if params else 1

@@ -9,6 +9,19 @@ Writes <workdir>/comparison.md, comparison.json and comparison.png; with
 --results_md, also (re)writes this dataset's section of that file, stamped with
 the command and the git commit.  Re-running skips finished runs, and the
 backbone cache in <workdir>/backbones is shared by all methods.
+
+The reviewer-grade comparison (DESIGN §10) adds a grid of splits, equal-budget
+tuning and paired intervals:
+
+  python -m experiments.compare --config=experiments/configs/movielens100k.py \
+      --workdir=/tmp/grid_ml100k --splits=config --tune=20 --seeds=5
+
+``--splits=config`` takes the splits from ``get_splits()`` in the config file,
+``--splits='data.n_max=80,100;data.k=5,10'`` from a grid string.  Each split
+runs in <workdir>/<split>/ (one comparison.md there, with EmerFlow minus each
+baseline and its interval), and <workdir>/summary.md counts EmerFlow's
+wins/ties/losses per phase over splits.  ``--tune=N`` first tunes every method
+with N Optuna trials on that split's validation holdout.
 """
 
 import os
@@ -19,7 +32,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emerflow_jax import compare, logs
+from emerflow_jax import compare, logs, multisplit
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Dataset config file.",
                                           lock_config=True)
@@ -31,6 +44,16 @@ _BACKBONES = flags.DEFINE_list("backbones", "deepfm,widedeep", "Backbones.")
 _SEEDS = flags.DEFINE_integer("seeds", None, "Seeds per run (default: config.seeds).")
 _RESULTS_MD = flags.DEFINE_string("results_md", "",
                                   "Also write this dataset's section of this file.")
+_SPLITS = flags.DEFINE_string("splits", "", "'config' (get_splits() of the config file) "
+                              "or 'data.n_max=80,100;data.k=5,10'; empty: the config's "
+                              "one split.")
+_TUNE = flags.DEFINE_integer("tune", 0, "Optuna trials per method and split (0: none).")
+_TUNE_SAMPLER = flags.DEFINE_enum("tune_sampler", "tpe", ["tpe", "random"],
+                                  "Sampler of the tuning trials.")
+_TRIAL_SEEDS = flags.DEFINE_integer("trial_seeds", 1, "Seeds per tuning trial.")
+_STORAGE = flags.DEFINE_string("storage", None, "Optuna RDB URL of the tuning studies "
+                               "(default: sqlite in each split's folder).")
+_N_BOOT = flags.DEFINE_integer("n_boot", 1000, "Bootstrap replicates per interval.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -73,6 +96,9 @@ def main(argv):
   seeds = _SEEDS.value or config.seeds
   # Stamped before running: the code that produced the numbers, not a later HEAD.
   command, commit = _command(), _commit()
+  if _SPLITS.value or _TUNE.value:
+    _main_splits(config, seeds, command, commit)
+    return
   grid = compare.run_grid(config, _WORKDIR.value, _METHODS.value, _BACKBONES.value,
                           seeds, commit=commit)
   if not grid["runs"]:
@@ -86,6 +112,30 @@ def main(argv):
   if grid["failed"]:
     logging.warning("%d run(s) failed: %s", len(grid["failed"]),
                     [f"{f['method']}_{f['backbone']}" for f in grid["failed"]])
+
+
+def _main_splits(config, seeds, command, commit):
+  """The grid of splits (--splits), optionally tuned (--tune)."""
+  if _SPLITS.value == "config":
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    splits = multisplit.load_splits(path)
+    if splits is None:
+      raise app.UsageError(f"--splits=config but {path} has no get_splits()")
+  else:
+    splits = multisplit.parse_splits(_SPLITS.value) if _SPLITS.value else [{}]
+  tune_kwargs = {"sampler": _TUNE_SAMPLER.value, "trial_seeds": _TRIAL_SEEDS.value,
+                 "storage": _STORAGE.value}
+  summary = multisplit.run_splits(config, _WORKDIR.value, splits, _METHODS.value,
+                                  _BACKBONES.value, seeds, tune_trials=_TUNE.value,
+                                  tune_kwargs=tune_kwargs, n_boot=_N_BOOT.value,
+                                  commit=commit)
+  logging.info("wrote %s", os.path.join(_WORKDIR.value, "summary.md"))
+  if _RESULTS_MD.value:
+    section = multisplit.results_section(summary, _WORKDIR.value, command, commit)
+    compare.update_results_md(_RESULTS_MD.value, summary["dataset"], section)
+  failed = [f for s in summary["splits"] for f in s["failed"]]
+  if failed:
+    logging.warning("%d run(s) failed: %s", len(failed), failed)
 
 
 if __name__ == "__main__":

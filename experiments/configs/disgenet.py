@@ -43,3 +43,9 @@ def get_config(arg=None):
   if arg == "smoke":
     common.smoke(c)
   return c
+
+
+def get_splits(arg=None):
+  """The protocol grid of the multi-split comparison (``--splits=config``)."""
+  del arg
+  return [{"data.n_max": n, "data.k": k} for n in (80, 100) for k in (6, 9)]

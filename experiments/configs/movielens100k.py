@@ -21,3 +21,10 @@ def get_config(arg=None):
   if arg == "smoke":
     common.smoke(c)
   return c
+
+
+def get_splits(arg=None):
+  """The protocol grid of the multi-split comparison (``--splits=config``)."""
+  if arg == "smoke":
+    return [{"data.n_max": 100, "data.k": 10}, {"data.n_max": 80, "data.k": 5}]
+  return [{"data.n_max": n, "data.k": k} for n in (80, 100, 120) for k in (5, 10)]

@@ -43,3 +43,9 @@ def get_config(arg=None):
   if arg == "smoke":
     common.smoke(c)
   return c
+
+
+def get_splits(arg=None):
+  """The protocol grid of the multi-split comparison (``--splits=config``)."""
+  del arg
+  return [{"data.n_max": n, "data.k": 2} for n in (10, 12, 15)]

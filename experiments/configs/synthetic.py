@@ -25,3 +25,9 @@ def get_config(arg=None):
     c.data.options.n_users = 200
     c.data.options.n_items = 300
   return c
+
+
+def get_splits(arg=None):
+  """The protocol grid of the multi-split comparison (``--splits=config``)."""
+  del arg
+  return [{"data.n_max": 100, "data.k": 10}, {"data.n_max": 80, "data.k": 8}]

@@ -1,0 +1,208 @@
+"""The comparison over a grid of splits, with paired intervals and a tally.
+
+DESIGN §10: a claim must hold on more than one split.  A config declares its
+splits as data, ``get_splits(arg)`` in the config file (a list of override
+dicts such as ``{"data.n_max": 80, "data.k": 5}``), or the command line gives
+a grid string.  ``run_splits`` runs ``compare.run_grid`` once per split (each
+with its own validation holdout, and optionally equal-budget tuning), into::
+
+  <workdir>/backbones/                      one backbone cache for every split
+  <workdir>/<split>/<method>_<backbone>/    results.json, seed_<s>/, chosen.json
+  <workdir>/<split>/comparison.{md,json,png} one table per split, with intervals
+  <workdir>/summary.{md,json}               wins/ties/losses over splits
+
+Every baseline is compared with EmerFlow (``compare.REFERENCE``) on the same
+backbone, per phase, by ``stats.paired_interval``; a win or a loss needs an
+interval that excludes zero, anything else is a tie.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import inspect
+import logging
+import os
+import pathlib
+from typing import Callable, Sequence
+
+import ml_collections
+
+from emerflow_jax import compare, results, stats, sweep, tune
+
+OUTCOMES = ("win", "tie", "loss")
+
+
+def load_splits(config_path: str) -> list[dict] | None:
+  """``get_splits(arg)`` of a config file (``path.py[:arg]``), or None if absent."""
+  path, _, arg = config_path.partition(":")
+  spec = importlib.util.spec_from_file_location("_splits_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  fn = getattr(module, "get_splits", None)
+  if fn is None:
+    return None
+  return list(fn(arg or None) if inspect.signature(fn).parameters else fn())
+
+
+def parse_splits(text: str) -> list[dict]:
+  """``'data.n_max=80,100;data.k=5,10'`` -> the product as override dicts."""
+  return sweep.grid_points(sweep.parse_grid(text))
+
+
+def interval_rows(grid: dict, workdir: pathlib.Path, n_boot: int, level: float,
+                  seed: int = 0) -> list[dict]:
+  """EmerFlow minus every other method on each backbone, per phase.
+
+  Args:
+    grid: ``compare.run_grid``'s output.
+    workdir: the split's folder (runs in ``compare.run_dir``).
+    n_boot: bootstrap replicates.
+    level: interval coverage.
+    seed: the bootstrap seed.
+
+  Returns:
+    [{"backbone", "method", "phases": {phase: stats.paired_interval entry}}];
+    a pair without predictions on disk gets "error" instead of "phases".
+  """
+  runs = grid["runs"]
+  out = []
+  for ref in (r for r in runs if r.get("label", r["method"]) == compare.REFERENCE):
+    for other in runs:
+      name = other.get("label", other["method"])
+      if other["backbone"] != ref["backbone"] or name == compare.REFERENCE:
+        continue
+      row = {"backbone": ref["backbone"], "method": name}
+      seeds = [s for s in ref["seeds"] if s in other["seeds"]]
+      try:
+        a = stats.load_predictions(
+            compare.run_dir(workdir, compare.REFERENCE, ref["backbone"]), seeds)
+        b = stats.load_predictions(compare.run_dir(workdir, name, other["backbone"]),
+                                   seeds)
+        row["phases"] = stats.paired_interval(a, b, n_boot=n_boot, level=level,
+                                              seed=seed)
+        row["seeds"] = seeds
+      except (FileNotFoundError, ValueError) as e:
+        row["error"] = f"{type(e).__name__}: {e}"
+      out.append(row)
+  return out
+
+
+def interval_table(rows: list[dict], level: float) -> str:
+  """Markdown: EmerFlow minus each baseline, per phase, bold when it excludes 0."""
+  lines = [f"EmerFlow minus each baseline, test AUC: mean paired difference over seeds "
+           f"[{level:.0%} bootstrap interval over test items]; bold where the "
+           "interval excludes zero.", "",
+           "| backbone | baseline | " + " | ".join(compare.PHASES) + " |",
+           "|---|---|" + "---:|" * len(compare.PHASES)]
+  for r in rows:
+    cells = ([stats.format_diff(r["phases"][p]) for p in compare.PHASES] if "phases" in r
+             else [r["error"][:60]] + ["-"] * (len(compare.PHASES) - 1))
+    lines.append(f"| {r['backbone']} | {r['method']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def tally(per_split: dict[str, list[dict]]) -> list[dict]:
+  """Wins/ties/losses of EmerFlow per (backbone, baseline, phase) over splits."""
+  counts: dict[tuple, dict] = {}
+  for rows in per_split.values():
+    for r in rows:
+      if "phases" not in r:
+        continue
+      entry = counts.setdefault((r["backbone"], r["method"]), {
+          p: dict.fromkeys(OUTCOMES, 0) for p in compare.PHASES})
+      for p in compare.PHASES:
+        entry[p][r["phases"][p]["outcome"]] += 1
+  return [{"backbone": b, "method": m, "phases": v} for (b, m), v in counts.items()]
+
+
+def summary_markdown(summary: dict) -> str:
+  """summary.md: the tally, then where each split's tables are."""
+  lines = [f"# {summary['dataset']}: EmerFlow against each baseline over "
+           f"{len(summary['splits'])} splits", "",
+           "Wins/ties/losses of EmerFlow per phase, counted over splits; a win or a "
+           f"loss needs the {summary['level']:.0%} paired bootstrap interval of the "
+           "test-AUC difference to exclude zero.", "",
+           "| backbone | baseline | " + " | ".join(compare.PHASES) + " |",
+           "|---|---|" + "---|" * len(compare.PHASES)]
+  for t in summary["tally"]:
+    cells = ["/".join(str(t["phases"][p][o]) for o in OUTCOMES) for p in compare.PHASES]
+    lines.append(f"| {t['backbone']} | {t['method']} | " + " | ".join(cells) + " |")
+  tuned = (f"each method tuned with {summary['tune_trials']} Optuna trials on the "
+           "validation holdout" if summary["tune_trials"] else "no tuning")
+  lines += ["", f"Splits ({tuned}; wall time {summary['seconds']:.0f} s):", ""]
+  for s in summary["splits"]:
+    failed = f", {len(s['failed'])} failed run(s)" if s["failed"] else ""
+    lines.append(f"- `{s['name']}` {s['overrides']}: `{s['name']}/comparison.md`{failed}")
+  return "\n".join(lines) + "\n"
+
+
+def run_splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+               splits: Sequence[dict], methods: Sequence[str], backbones: Sequence[str],
+               seeds: int, tune_trials: int = 0, tune_kwargs: dict | None = None,
+               n_boot: int = 1000, level: float = 0.95,
+               run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+               commit: str = "unknown") -> dict:
+  """Runs the comparison on every split; writes per-split tables and the summary.
+
+  Args:
+    config: the dataset's config.
+    workdir: the grid's folder; re-running resumes every split.
+    splits: override dicts, one per split (``load_splits``/``parse_splits``).
+    methods: method names (``compare.run_grid``).
+    backbones: backbone names.
+    seeds: test seeds per run.
+    tune_trials: Optuna trials per method and split (0: no tuning).
+    tune_kwargs: more arguments of ``tune.tune_method``.
+    n_boot: bootstrap replicates of each interval.
+    level: interval coverage.
+    run_fn: ``train.train_and_evaluate`` unless given (tests).
+    commit: the code version running now.
+
+  Returns:
+    The summary.json dict.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  base = copy.deepcopy(config)
+  base.optim.cache_dir = base.optim.cache_dir or str(workdir / "backbones")
+  per_split, records, t_total = {}, [], 0.0
+  dataset = config.data.name
+  for overrides in splits:
+    name = sweep.trial_name(overrides)
+    logging.info("compare: split %s", name)
+    sdir = workdir / name
+    grid = compare.run_grid(tune.apply(base, overrides), sdir, methods, backbones, seeds,
+                            run_fn=run_fn, commit=commit, tune_trials=tune_trials,
+                            tune_kwargs=tune_kwargs)
+    t_total += grid["seconds"]
+    rows = interval_rows(grid, sdir, n_boot, level) if grid["runs"] else []
+    per_split[name] = rows
+    if grid["runs"]:
+      summary = compare.write_comparison(sdir, grid)
+      dataset = summary["dataset"] or dataset
+      summary["intervals"] = rows
+      results.write_json_atomic(sdir / "comparison.json", summary)
+      with open(sdir / "comparison.md", "a") as f:
+        f.write(f"\n## Paired intervals\n\n{interval_table(rows, level)}\n")
+    records.append({"name": name, "overrides": overrides, "failed": grid["failed"],
+                    "runs": len(grid["runs"])})
+  summary = {"dataset": dataset, "splits": records, "tally": tally(per_split),
+             "intervals": per_split, "level": level, "n_boot": n_boot,
+             "tune_trials": tune_trials, "seconds": t_total}
+  results.write_json_atomic(workdir / "summary.json", summary)
+  (workdir / "summary.md").write_text(summary_markdown(summary))
+  return summary
+
+
+def results_section(summary: dict, workdir: str | os.PathLike, command: str,
+                    commit: str) -> str:
+  """RESULTS.md section of a multi-split comparison: the tally, then each split."""
+  workdir = pathlib.Path(workdir)
+  head, rest = summary_markdown(summary).split("\n", 1)
+  parts = ["#" + head, "", f"Written by `{command}` at commit `{commit}`.", rest]
+  for s in summary["splits"]:
+    md = workdir / s["name"] / "comparison.md"
+    if md.exists():
+      body = md.read_text().replace("\n#", "\n###").split("\n", 1)[1]
+      parts += [f"### Split `{s['name']}`", body]
+  return "\n".join(parts)

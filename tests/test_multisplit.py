@@ -1,0 +1,112 @@
+"""The comparison over a grid of splits: intervals per split, the tally, end to end."""
+
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from emerflow_jax import checkpoint, multisplit, protocol
+from experiments.configs import synthetic
+
+PHASES = protocol.PHASES
+
+
+def _tiny_config():
+  c = synthetic.get_config("smoke")
+  c.data.options.n_users = 100
+  c.data.options.n_items = 150
+  c.data.options.mean_count = 40.0
+  c.data.n_max, c.data.k = 40, 5
+  c.data.val_fraction = 0.2
+  return c
+
+
+def _fake_runner(strength):
+  """A run_fn writing predictions whose quality is strength[(method, n_max)].
+
+  Scores are labels plus noise; the noise scale falls with the strength, so
+  a stronger method ranks better on every resample when the gap is large.
+  """
+  def run(c, workdir):
+    rng = np.random.default_rng(0)
+    owner = np.repeat(np.arange(60), 8)
+    labels = rng.integers(0, 2, owner.size)
+    per = {p: [] for p in PHASES}
+    for s in range(c.seeds):
+      noise = np.random.default_rng(100 + s).normal(size=owner.size)
+      preds = {"labels": labels, "owner": owner}
+      for i, p in enumerate(PHASES):
+        gap = strength[(c.method, c.data.n_max)][i]
+        preds[f"prob_{p}"] = labels * gap + noise
+        per[p].append(0.5 + gap / 10)
+      os.makedirs(f"{workdir}/seed_{s}", exist_ok=True)
+      checkpoint.save_arrays(f"{workdir}/seed_{s}/predictions.npz", **preds)
+    res = {"dataset": "toy", "method": c.method, "backbone": c.backbone,
+           "config": c.to_dict(), "seeds": list(range(c.seeds)), "auc": per, "f1": per,
+           "val_auc": per, "seconds": {"pretrain": 1.0, "method": 1.0, "total": 2.0}}
+    pathlib.Path(workdir, "results.json").write_text(json.dumps(res))
+    return res
+  return run
+
+
+def test_intervals_and_wins_ties_losses_over_splits(tmp_path):
+  # Split 40: EmerFlow far ahead at cold, equal at warm_a, far behind at warm_c.
+  # Split 36: equal everywhere.  (strength per phase: cold, warm_a, warm_b, warm_c)
+  strength = {("emerflow", 40): (3.0, 1.0, 1.0, 0.0), ("base", 40): (0.0, 1.0, 1.0, 3.0),
+              ("emerflow", 36): (1.0,) * 4, ("base", 36): (1.0,) * 4}
+  splits = [{"data.n_max": 40, "data.k": 5}, {"data.n_max": 36, "data.k": 5}]
+  summary = multisplit.run_splits(_tiny_config(), tmp_path, splits, ["base", "emerflow"],
+                                  ["fm"], seeds=2, n_boot=200,
+                                  run_fn=_fake_runner(strength))
+  (t,) = summary["tally"]
+  assert (t["backbone"], t["method"]) == ("fm", "base")
+  assert t["phases"]["cold"] == {"win": 1, "tie": 1, "loss": 0}
+  assert t["phases"]["warm_a"] == {"win": 0, "tie": 2, "loss": 0}
+  assert t["phases"]["warm_c"] == {"win": 0, "tie": 1, "loss": 1}
+  first = tmp_path / "data.k=5,data.n_max=40"
+  assert (first / "base_fm" / "results.json").exists()  # one flat level per run
+  md = (first / "comparison.md").read_text()
+  row = [l for l in md.splitlines() if l.startswith("| fm | base | ")][-1]
+  cells = row.split(" | ")[2:]
+  assert cells[0].startswith("**+") and cells[3].startswith("**-")
+  assert "**" not in cells[1]  # warm_a: the interval holds zero, not bold
+  assert "| fm | base | 1/1/0 | 0/2/0 | 0/2/0 | 0/1/1 |" in (
+      tmp_path / "summary.md").read_text()
+  again = json.loads((tmp_path / "summary.json").read_text())
+  assert again["tally"] == summary["tally"]
+
+
+def test_splits_come_from_configs_or_a_grid_string():
+  assert multisplit.parse_splits("data.n_max=80,100;data.k=5") == [
+      {"data.n_max": "80", "data.k": "5"}, {"data.n_max": "100", "data.k": "5"}]
+  ml = multisplit.load_splits("experiments/configs/movielens100k.py")
+  assert len(ml) == 6 and {"data.n_max": 120, "data.k": 5} in ml
+  assert len(multisplit.load_splits("experiments/configs/movielens100k.py:smoke")) == 2
+
+
+def test_tune_and_compare_end_to_end(tmp_path):
+  """Real runs: one split (the grid is tested above), each method tuned, then tested."""
+  splits = [{"data.n_max": 36, "data.k": 4}]
+  summary = multisplit.run_splits(
+      _tiny_config(), tmp_path, splits, ["base", "emerflow"], ["fm"], seeds=1,
+      tune_trials=1, tune_kwargs={"sampler": "random"}, n_boot=50)
+  assert all(not s["failed"] and s["runs"] == 2 for s in summary["splits"]), summary
+  for s in summary["splits"]:
+    sdir = tmp_path / s["name"]
+    for m in ("base", "emerflow"):
+      chosen = json.loads((sdir / f"{m}_fm" / "chosen.json").read_text())
+      run = json.loads((sdir / f"{m}_fm" / "results.json").read_text())
+      trial = json.loads((sdir / "tuning" / f"{m}_fm" / "t000" / "results.json")
+                         .read_text())
+      assert trial["auc"] is None and run["auc"] is not None
+      for key, value in chosen["params"].items():
+        section, field = key.split(".")
+        assert np.isclose(run["config"][section][field], value)
+      assert run["config"]["data"]["n_max"] == s["overrides"]["data.n_max"]
+    (row,) = summary["intervals"][s["name"]]
+    assert all(row["phases"][p]["lo"] <= row["phases"][p]["diff"] <= row["phases"][p]["hi"]
+               for p in PHASES)
+  (t,) = summary["tally"]
+  assert all(sum(t["phases"][p].values()) == 1 for p in PHASES)
+  assert (tmp_path / "summary.md").exists()
