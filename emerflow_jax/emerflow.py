@@ -324,11 +324,28 @@ class EmerFlow(methods.Method):
   def _align(self, ctx: methods.Context, mapper: align.Mapper, r: np.ndarray,
              side: jnp.ndarray | None, items: np.ndarray, name: str,
              salt: int) -> Any:
-    """Trains g_phi on ``items`` (and their rows), checkpointed under ``name``."""
+    """Fits the map of ``align.kind`` on ``items``: Mapper variables.
+
+    The MLP trains on the items and their rows, checkpointed under ``name``;
+    closed forms (and ``align.shrink``'s prior) are refit in seconds.
+    """
     cfg = ctx.config
     rows = tasks.pack_flat(ctx.ds, ctx.split.base_rows)
     keep = np.isin(rows["items"], items)
     rows = {k: v[keep] for k, v in rows.items()}
+    kind, shrink, folds, opts = align.config_options(cfg.align)
+    if kind != "mlp" or shrink != "none":
+      x = r if side is None else np.concatenate([r, np.asarray(side)], -1)
+      e = align.targets(ctx.params, ctx.tables, items)
+      key = jax.random.fold_in(ctx.key, salt)
+      phi, info = align.fit_phi(kind, x[items], e, key, folds, shrink, **opts)
+      logging.info("align[%s]: %s %s, CV FVU %.4f", name, kind,
+                   {k: v for k, v in info.items() if k != "cv_fvu"}, info["cv_fvu"])
+      if cfg.align.get("diagnose", False):
+        d = align.diagnostics(kind, x[items], e, items, ctx.model, ctx.params, ctx.tables,
+                              rows, key, folds, shrink, **opts)
+        logging.info("align[%s]: diagnostics %s", name, d)
+      return phi
     return align.train_mapper(
         mapper, ctx.model, ctx.params, ctx.tables, r, side, items, rows,
         jax.random.fold_in(ctx.key, salt), steps=int(cfg.align.steps),

@@ -59,6 +59,14 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.align.batch_rows = 1024       # old-item rows per BCE minibatch
   c.align.weight_decay = 1e-4     # AdamW decay of the mapper
   c.align.holdout = 0.2           # old items held out of the MSE term for early stopping
+  c.align.kind = "mlp"            # mlp (g_phi above) | ridge | lowrank (reduced-rank ridge) | knn (text neighbours)
+  c.align.shrink = "none"         # prior toward the old-item mean: none | global (one factor) | gate (per item); closed-form kinds
+  c.align.folds = 5               # k-fold CV over old items (closed forms' hyperparameters, the prior)
+  c.align.ridge_lambda = 0.0      # ridge|lowrank penalty (0 -> chosen by CV)
+  c.align.rank = 0                # lowrank rank (0 -> chosen by CV)
+  c.align.knn_k = 0               # knn neighbours (0 -> chosen by CV)
+  c.align.knn_temperature = 0.0   # knn softmax temperature on cosine similarity (0 -> chosen by CV)
+  c.align.diagnose = False        # log held-out FVU and cold AUC on old items (nested CV; slower)
 
   c.meta = ml_collections.ConfigDict()
   c.meta.tasks = "flow"           # flow (replay warm phases a,b,c, score later rows) | chunks (chunk j -> j+1)
