@@ -29,6 +29,7 @@ import logging
 import os
 import pathlib
 import socket
+import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -265,16 +266,32 @@ def work(st: optuna.Study, suggest: Callable[[optuna.Trial], dict],
         trial.set_user_attr("heartbeat", time.time())
         last[0] = time.time()
 
+    # The heartbeat also runs on its own thread, so a trial run in-process
+    # (tuning) that never calls beat() is not taken for a dead worker's.
+    stop = threading.Event()
+
+    def pulse():
+      while not stop.wait(heartbeat_s):
+        beat()
+
+    pulser = threading.Thread(target=pulse, daemon=True)
+    pulser.start()
+    error = None
     try:
       out = dict(execute(trial.number, params, beat))
     except Exception as e:  # pylint: disable=broad-except
+      error = e
+    finally:
+      stop.set()
+      pulser.join()
+    if error is not None:
       # A failed trial is data (FAIL + its error), not the end of the study.
-      for k, v in getattr(e, "attrs", {}).items():
+      for k, v in getattr(error, "attrs", {}).items():
         trial.set_user_attr(k, v)
-      trial.set_user_attr("error", f"{type(e).__name__}: {e}"[-2000:])
+      trial.set_user_attr("error", f"{type(error).__name__}: {error}"[-2000:])
       st.tell(trial, state=State.FAIL)
       failures += 1
-      log(f"study: trial {trial.number} {params} FAILED: {str(e)[-300:]}")
+      log(f"study: trial {trial.number} {params} FAILED: {str(error)[-300:]}")
     else:
       value = out.pop("value")
       for k, v in out.items():
