@@ -61,6 +61,10 @@ class MetaConfig:
       task's BCE) or "auc" (``pairwise_auc_loss`` over the pooled query rows).
     cold_in_outer: flow tasks also score the cold embedding e_0 on the query
       (the protocol's cold phase), averaged with the warm phases.
+    auc_pairs: 0 scores every (positive, negative) pair of the pooled rows
+      (``pairwise_auc_loss``, quadratic in the rows); m > 0 pairs each row
+      with m sampled rows of the other class (``sampled_pairwise_auc_loss``,
+      linear in the rows, equal to the exact loss and gradient in expectation).
   """
   inner_steps: int = 3
   beta: float = 0.1
@@ -71,6 +75,7 @@ class MetaConfig:
   phase_alpha: bool = False
   outer_loss: str = "bce"
   cold_in_outer: bool = False
+  auc_pairs: int = 0
 
 
 def init_alpha(alpha: float, mode: str, dim: int, phases: int = 0) -> jnp.ndarray:
@@ -185,7 +190,18 @@ def cold_embedding(meta_params: dict[str, Any], mapper: align.Mapper | None,
 
 
 def _rows(batch: dict[str, jnp.ndarray], prefix: str) -> dict[str, jnp.ndarray]:
-  return {k: batch[f"{prefix}/{k}"] for k in ("users", "items", "labels", "mask")}
+  return {k: batch[f"{prefix}/{k}"] for k in warmup.ROW_KEYS}
+
+
+def _prepared(model: backbones.Backbone, frozen: dict[str, Any],
+              batch: dict[str, jnp.ndarray], prefix: str) -> dict[str, Any]:
+  """A task's rows with their item-embedding-free forward pass done once.
+
+  Every inner step (and the query scoring after each phase) changes only the
+  item embedding, so ``warmup.prepare`` computes the rest of the backbone's
+  work on these rows once per task, outside the inner loop.
+  """
+  return warmup.prepare(model, frozen["params"], frozen["tables"], _rows(batch, prefix))
 
 
 def task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
@@ -208,7 +224,8 @@ def task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
   meta_params = _maybe_freeze_init(meta_params, cfg)
   loss_fn = functools.partial(warmup.item_loss, model, frozen["params"], frozen["tables"])
   e0 = cold_embedding(meta_params, mapper, frozen, task["item"])
-  support, query = _rows(task, "support"), _rows(task, "query")
+  support, query = _prepared(model, frozen, task, "support"), _prepared(model, frozen,
+                                                                         task, "query")
   e_t = adapt(loss_fn, e0, support, alpha, cfg.inner_steps, cfg.first_order, cfg.rule)
   l_support = loss_fn(e0, support)
   logits = warmup.item_logits(model, frozen["params"], frozen["tables"], e_t, query)
@@ -245,8 +262,9 @@ def flow_task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
     (outer loss, metrics with the query loss cold and after the first/last
     phase, and "query_logits" [P, Q] after every phase).
   """
-  support, query = _rows(task, "support"), _rows(task, "query")
-  n_phases = support["users"].shape[0]
+  support, query = _prepared(model, frozen, task, "support"), _prepared(model, frozen,
+                                                                         task, "query")
+  n_phases = support["mask"].shape[0]
   alphas = phase_step_sizes(meta_params, cfg, n_phases)
   if not cfg.learn_alpha:
     alphas = jax.lax.stop_gradient(alphas)
@@ -309,14 +327,58 @@ def pairwise_auc_loss(logits: jnp.ndarray, labels: jnp.ndarray,
   return sums.sum() / n_pairs
 
 
+def sampled_pairwise_auc_loss(logits: jnp.ndarray, labels: jnp.ndarray,
+                              mask: jnp.ndarray, key: jax.Array,
+                              pairs: int) -> jnp.ndarray:
+  """An unbiased, linear-cost estimate of ``pairwise_auc_loss``.
+
+  The exact loss is (1 / PN) sum over positives i and negatives j of
+  f(s_j - s_i), f = softplus, i.e. both ``E_i E_j f`` and ``E_j E_i f`` with i
+  uniform over the P positives and j over the N negatives.  Each positive row
+  draws ``pairs`` negatives and each negative row ``pairs`` positives
+  (uniformly, with replacement, by inverse CDF over the masked rows); the
+  estimate averages the two halves.  The draws depend on labels and mask
+  only, never on the scores, so the expected value *and gradient* (w.r.t.
+  the scores) equal the exact ones, at O(n * pairs) cost instead of O(n^2).
+
+  Args:
+    logits, labels, mask: any shape, same for all three (flattened).
+    key: PRNG key of the draws.
+    pairs: partners drawn per row (static).
+
+  Returns:
+    scalar estimate (0 when there is no pair).
+  """
+  s, y, m = logits.reshape(-1), labels.reshape(-1), mask.reshape(-1)
+  pos, neg = y * m, (1.0 - y) * m
+  n_pos, n_neg = pos.sum(), neg.sum()
+  u = jax.random.uniform(key, (s.shape[0], pairs))
+
+  def draw(weights, total):
+    # Row j owns [c_{j-1}, c_j) of [0, total): weight-0 rows are never drawn.
+    return jnp.minimum(jnp.searchsorted(jnp.cumsum(weights), u * total, side="right"),
+                       s.shape[0] - 1)
+
+  is_pos = (pos > 0)[:, None]
+  partner = jnp.where(is_pos, draw(neg, n_neg), draw(pos, n_pos))  # [n, pairs]
+  s_pos = jnp.where(is_pos, s[:, None], s[partner])
+  s_neg = jnp.where(is_pos, s[partner], s[:, None])
+  w = (pos[:, None] * neg[partner] / jnp.maximum(n_pos, 1.0)
+       + neg[:, None] * pos[partner] / jnp.maximum(n_neg, 1.0))
+  return 0.5 * (w * jax.nn.softplus(s_neg - s_pos)).sum() / pairs
+
+
 def batch_loss(meta_params: dict[str, Any], model: backbones.Backbone,
                mapper: align.Mapper | None, cfg: MetaConfig, frozen: dict[str, Any],
-               batch: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+               batch: dict[str, jnp.ndarray], key: jax.Array | None = None
+               ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """Outer loss of a padded batch of tasks (vmapped over tasks).
 
   "bce": the mean of the tasks' outer losses over the real tasks.  "auc":
   ``beta * mean L(support; e_0) + (1 - beta) * mean_p pairwise_auc_loss`` of
-  the query rows of all real tasks pooled, after each phase p.
+  the query rows of all real tasks pooled, after each phase p (sampled
+  pairs, ``sampled_pairwise_auc_loss``, when ``cfg.auc_pairs`` > 0: then
+  ``key`` draws them, one fold per phase).
   """
   tasks = {k: v for k, v in batch.items() if k != "task_mask"}
   losses, aux = jax.vmap(task_loss, in_axes=(None, None, None, None, None, 0))(
@@ -330,8 +392,15 @@ def batch_loss(meta_params: dict[str, Any], model: backbones.Backbone,
   if cfg.outer_loss != "auc":
     raise ValueError(f"outer_loss must be bce or auc, got {cfg.outer_loss!r}")
   mask = batch["query/mask"] * w[:, None]
-  rank = jax.vmap(pairwise_auc_loss, in_axes=(1, None, None))(
-      logits, batch["query/labels"], mask).mean()
+  if cfg.auc_pairs > 0:
+    if key is None:
+      raise ValueError("sampled pairs (auc_pairs > 0) need a key")
+    keys = jax.random.split(key, logits.shape[1])
+    rank = jax.vmap(sampled_pairwise_auc_loss, in_axes=(1, None, None, 0, None))(
+        logits, batch["query/labels"], mask, keys, cfg.auc_pairs).mean()
+  else:
+    rank = jax.vmap(pairwise_auc_loss, in_axes=(1, None, None))(
+        logits, batch["query/labels"], mask).mean()
   metrics["query_rank"] = rank
   return cfg.beta * metrics["support_e0"] + (1 - cfg.beta) * rank, metrics
 
@@ -346,12 +415,14 @@ def make_train_step(model: backbones.Backbone, mapper: align.Mapper | None,
   donated.  ``batch`` holds [B, ...] task arrays plus ``task_mask`` [B].  With
   a ``mesh`` (``sharding.task_mesh``), the batch is split over its "tasks"
   axis (B a multiple of the mesh size), state and frozen are replicated, and
-  the mean over tasks becomes a cross-device reduction.
+  the mean over tasks becomes a cross-device reduction.  Sampled AUC pairs
+  are drawn with ``fold_in(state["rng"], state["step"])``.
   """
 
   def meta_train_step(state, frozen, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     (loss, aux), grads = jax.value_and_grad(batch_loss, has_aux=True)(
-        state["params"], model, mapper, cfg, frozen, batch)
+        state["params"], model, mapper, cfg, frozen, batch, key)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     state = dict(state, params=optax.apply_updates(state["params"], updates),
                  opt_state=opt_state, step=state["step"] + 1)
@@ -381,7 +452,8 @@ def adapt_items(meta_params: dict[str, Any], model: backbones.Backbone,
     [n, d] adapted embeddings.
   """
   loss_fn = functools.partial(warmup.item_loss, model, frozen["params"], frozen["tables"])
-  rows = {k: batch[k] for k in ("users", "items", "labels", "mask")}
+  rows = warmup.prepare(model, frozen["params"], frozen["tables"],
+                        {k: batch[k] for k in warmup.ROW_KEYS})
   alpha = step_size(meta_params, phase if cfg.phase_alpha else None)
   return jax.vmap(lambda e, r: adapt(loss_fn, e, r, alpha, cfg.inner_steps,
                                      rule=cfg.rule))(emb, rows)
