@@ -49,7 +49,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from emerflow_jax import align, checkpoint, curves, meta, methods, protocol, sharding, tasks
+from emerflow_jax import (align, checkpoint, curves, meta, methods, posterior, protocol,
+                          sharding, tasks)
 
 
 def meta_config(cfg: ml_collections.ConfigDict) -> meta.MetaConfig:
@@ -84,6 +85,14 @@ RULE_PARAMS = ("log_alpha", "shrink")
 # plus the backbone the stage is built on).
 ALIGN_SECTIONS = ("enrich", "align")
 META_SECTIONS = ("enrich", "align", "meta")
+
+
+def regen_keep(config: ml_collections.ConfigDict) -> tuple[float, float, float]:
+  """Per warm phase, the share of an item's adapted embedding kept (``regen``)."""
+  keep = tuple(float(config.regen[f"keep_{p[-1]}"]) for p in protocol.WARM_PHASES)
+  if not all(0.0 <= k <= 1.0 for k in keep):
+    raise ValueError(f"regen.keep_* must be in [0, 1], got {keep}")
+  return keep
 
 
 def _check_meta_options(config: ml_collections.ConfigDict) -> None:
@@ -230,7 +239,7 @@ class EmerFlow(methods.Method):
     source = self.vector_source or str(config.enrich.source)
     return methods.Plan(backbones=tuple(specs),
                         vectors=source if self.use_align else None,
-                        sections=("enrich", "align", "meta"),
+                        sections=("enrich", "align", "meta", "regen"),
                         search_space=self.search_space())
 
   def search_space(self) -> dict[str, Any]:
@@ -240,6 +249,8 @@ class EmerFlow(methods.Method):
            "align.weight_decay": space.Float(1e-5, 1e-2, log=True)}
     if not self.use_align:
       out = {}
+    if self.use_align:
+      out.update({f"regen.keep_{p}": space.Float(0.5, 1.0) for p in "abc"})
     if self.use_meta:
       out.update({"meta.alpha": space.Float(3e-3, 3e-2, log=True),
                   "meta.alpha_lr": space.Float(1e-3, 1e-1, log=True),
@@ -288,7 +299,20 @@ class EmerFlow(methods.Method):
       params = run_meta_training(ctx, mapper, params, meta_frozen,
                                  ctx.stage_dir("meta", META_SECTIONS),
                                  held if len(held) else None)
-    return {"params": params, "mapper": mapper, "frozen": frozen}
+    return {"params": params, "mapper": mapper, "frozen": frozen,
+            "regen": self._regen_state(ctx, r)}
+
+  def _regen_state(self, ctx: methods.Context, r: np.ndarray) -> dict[str, Any] | None:
+    """What ``posterior.regenerate`` needs after each phase (None when off)."""
+    keep = regen_keep(ctx.config)
+    if not self.use_align or all(k >= 1.0 for k in keep):
+      return None
+    r_old = jnp.asarray(r[ctx.split.old_items])
+    e_old = ctx.old_item_embeddings()
+    lam = float(ctx.config.regen.lam) or posterior.choose_lambda(r_old, e_old)
+    logging.info("regen: keep %s, ridge lambda %g", keep, lam)
+    return {"r_old": r_old, "e_old": e_old, "lam": lam, "keep": keep,
+            "r": jnp.asarray(r)}
 
   def _rule_on_aux(self, ctx: methods.Context, mapper: align.Mapper | None,
                    r: np.ndarray, init: dict[str, Any]) -> dict[str, jnp.ndarray]:
@@ -383,9 +407,14 @@ class EmerFlow(methods.Method):
 
   def refine(self, ctx, state, emb, batch, items, phase):
     if not self.use_meta or ctx.config.warmup.rule == "finetune":
-      return super().refine(ctx, state, emb, batch, items, phase)
-    emb = refine_items(state["params"], ctx.model, meta_config(ctx.config),
-                       state["frozen"], emb, batch, phase=phase)
+      emb, state = super().refine(ctx, state, emb, batch, items, phase)
+    else:
+      emb = refine_items(state["params"], ctx.model, meta_config(ctx.config),
+                         state["frozen"], emb, batch, phase=phase)
+    g = state.get("regen")
+    if g is not None:
+      emb = posterior.regenerate(g["r_old"], g["e_old"], g["r"][jnp.asarray(items)], emb,
+                                 g["lam"], g["keep"][phase])
     return emb, state
 
 

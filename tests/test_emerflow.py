@@ -150,3 +150,25 @@ def test_refine_uses_the_phase_it_is_given(tmp_path):
   assert state2 is state  # the rule keeps no per-phase counter
   alpha = np.asarray(state["params"]["log_alpha"])
   assert not np.allclose(alpha[1], alpha[2]) or np.allclose(a, c)
+
+
+def test_regeneration_blends_the_adapted_embedding_with_content(tmp_path):
+  """regen.keep_p < 1: after phase p, e <- keep e + (1 - keep) ridge_{-i}(r_i)."""
+  from emerflow_jax import posterior  # pylint: disable=g-import-not-at-top
+  method, ctx = _context(tmp_path, "emerflow", **{"regen.keep_b": 0.7})
+  state = method.fit(ctx)
+  g = state["regen"]
+  assert g["keep"] == (1.0, 0.7, 1.0) and g["lam"] in posterior.LAMBDAS
+  s = ctx.split
+  emb = method.cold(ctx, state, s.emerging_items)
+  batch = tasks.pack_phase(ctx.ds, s.warm_rows["warm_b"])
+  plain = dict(state, regen=None)
+  adapted, _ = method.refine(ctx, plain, emb, batch, s.emerging_items, 1)
+  got, _ = method.refine(ctx, state, emb, batch, s.emerging_items, 1)
+  want = posterior.regenerate(g["r_old"], g["e_old"], g["r"][s.emerging_items], adapted,
+                              g["lam"], 0.7)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(got, adapted)
+  same, _ = method.refine(ctx, state, emb, batch, s.emerging_items, 0)  # keep_a = 1
+  np.testing.assert_allclose(same, method.refine(ctx, plain, emb, batch,
+                                                 s.emerging_items, 0)[0], rtol=1e-6)

@@ -94,6 +94,12 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.meta.support_rows = k         # chunk tasks: padded support width (K mimics a warm phase)
   c.meta.query_rows = 4 * k       # padded query width (flow: sampled from the rows after the phases)
 
+  c.regen = ml_collections.ConfigDict()  # EmerFlow: content regeneration after each phase (posterior.py)
+  c.regen.keep_a = 1.0            # share of the adapted embedding kept after warm_a (1 = off)
+  c.regen.keep_b = 1.0            # ... after warm_b
+  c.regen.keep_c = 1.0            # ... after warm_c
+  c.regen.lam = 0.0               # ridge penalty (0 -> chosen by leave-one-out error on old items)
+
   c.warmup = ml_collections.ConfigDict()
   c.warmup.steps = 10             # shared fine-tuning: Adam steps per phase
   c.warmup.lr = 1e-2              # shared fine-tuning: Adam learning rate
