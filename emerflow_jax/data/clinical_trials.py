@@ -14,8 +14,8 @@ conflicts are logged and returned in ``info["label_join"]``.
 Time is the trial's start month (``nctid_date.txt``).  NCT numbers are issued
 in registration order (Spearman 0.935 with the start month), so a trial
 without a start date takes its place in NCT-number order by default
-(``undated="nct_order"``): it inherits the start month of the nearest dated
-trial with a smaller NCT number.  ``undated="drop"`` drops it instead.  Ties
+(``undated="nct_order"``): it inherits the start month of the nearest trial
+of ``nctid_date.txt`` that is dated and has a smaller NCT number.  ``undated="drop"`` drops it instead.  Ties
 within a month are broken by NCT number: rows are stored in (month, NCT,
 drug, disease) order and the protocol breaks equal times by row index.
 
@@ -31,8 +31,10 @@ rows through which a test row's own outcome would reach a model:
     drug's rows: pretraining would see the test row's outcome through the
     disease (measured: the disease's pretraining positive rate scores .591
     test AUC with those rows, .584 without).
-Rows of one trial with another *emerging* drug stay: warm-up refines one
-drug's embedding at a time on a frozen backbone.  The validation holdout is
+Rows of one trial with another *emerging* drug stay: the frozen backbone
+never trains on warm rows, and warm-up refines each drug's own embedding
+(CVAR also refits its shared CVAE on all warm rows: a weak channel, left
+open).  The validation holdout is
 drawn from old drugs at training time, so its combination trials are not
 guarded (it only chooses).
 
