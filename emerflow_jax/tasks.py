@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from emerflow_jax import protocol
@@ -150,6 +152,66 @@ def build_flow_tasks(ds: dataset_lib.Dataset, split: protocol.Split, k: int,
   for key, v in pack_rows(ds, qry, query_rows, rng).items():
     out[f"query/{key}"] = v
   return out
+
+
+def flow_task_pool(ds: dataset_lib.Dataset, split: protocol.Split, k: int,
+                   query_rows: int, n_phases: int = len(protocol.WARM_PHASES)
+                   ) -> dict[str, np.ndarray]:
+  """Every flow task (offset "first") with its whole query window, built once.
+
+  ``sample_epoch`` then draws each epoch's query subsets and batches from it
+  on the device, so that meta-training never repacks tasks on the host.
+
+  Args:
+    ds, split, k, n_phases: as for ``build_flow_tasks``.
+    query_rows: Q, the query width an epoch samples (the window is at least Q).
+
+  Returns:
+    ``build_flow_tasks`` arrays with query width W = max(Q, N - P K) (every
+    window whole) and one trailing fully masked task (the padding of
+    batches), plus "task_mask" [n + 1] (1 for the n real tasks).
+  """
+  width = max(query_rows, max(split.n_max, n_phases * k + 1) - n_phases * k)
+  full = build_flow_tasks(ds, split, k, width, None, n_phases)
+  n = len(full["item"])
+  out = {key: np.concatenate([v, np.zeros((1,) + v.shape[1:], v.dtype)])
+         for key, v in full.items()}
+  out["task_mask"] = (np.arange(n + 1) < n).astype(np.float32)
+  return out
+
+
+def sample_epoch(pool: dict[str, jnp.ndarray], key: jax.Array, query_rows: int,
+                 batch_size: int) -> dict[str, jnp.ndarray]:
+  """One epoch of batches from a ``flow_task_pool``, on the device.
+
+  Each task keeps a uniformly random, time-ordered subset of Q rows of its
+  query window (all of them when the window is shorter), as ``pack_rows``
+  does on the host; the tasks are shuffled and cut into equal batches, the
+  last one padded with the pool's masked task.
+
+  Args:
+    pool: ``flow_task_pool`` arrays, [n + 1, ...].
+    key: PRNG key of this epoch.
+    query_rows: Q (static).
+    batch_size: B (static).
+
+  Returns:
+    The pool's keys with leaves [m, B, ...], m = ceil(n / B); query width Q.
+  """
+  n = pool["item"].shape[0] - 1
+  k_rows, k_order = jax.random.split(key)
+  mask = pool["query/mask"]
+  # Real rows draw a uniform rank, padding ranks last: the Q smallest ranks
+  # are a uniform Q-subset of the real rows.
+  rank = jnp.where(mask > 0, jax.random.uniform(k_rows, mask.shape), 2.0)
+  pick = jnp.sort(jnp.argsort(rank, axis=1)[:, :query_rows], axis=1)
+  tasks = {k: jnp.take_along_axis(v, pick, axis=1) if k.startswith("query/") else v
+           for k, v in pool.items()}
+  m = -(-n // batch_size)
+  order = jnp.concatenate([jax.random.permutation(k_order, n),
+                           jnp.full((m * batch_size - n,), n, jnp.int32)])
+  idx = order.reshape(m, batch_size)
+  return {k: v[idx] for k, v in tasks.items()}
 
 
 def pad_tasks(tasks: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:

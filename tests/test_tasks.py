@@ -149,3 +149,41 @@ def test_build_flow_tasks_random_offsets_stay_inside_the_history(tiny_ds, tiny_s
     tasks.build_flow_tasks(tiny_ds, tiny_split, k, 4, offset="middle")
   with pytest.raises(ValueError, match="needs an rng"):
     tasks.build_flow_tasks(tiny_ds, tiny_split, k, 4, offset="random")
+
+
+def test_sample_epoch_draws_query_subsets_and_batches_every_task_once(tiny_ds, tiny_split):
+  k, q, b = 3, 6, 3
+  pool = tasks.flow_task_pool(tiny_ds, tiny_split, k, q)
+  whole = tasks.build_flow_tasks(tiny_ds, tiny_split, k, pool["query/mask"].shape[1])
+  n = len(whole["item"])
+  assert pool["task_mask"].tolist() == [1.0] * n + [0.0]
+  assert pool["query/mask"][:n].sum() == whole["query/mask"].sum()  # windows whole
+  assert not pool["support/mask"][n].any() and not pool["query/mask"][n].any()
+  sample = jax.jit(tasks.sample_epoch, static_argnums=(2, 3))
+  ep = jax.tree.map(np.asarray, sample(pool, jax.random.key(0), q, b))
+  m = -(-n // b)
+  assert ep["query/users"].shape == (m, b, q) and ep["support/users"].shape == (m, b, 3, k)
+  real = ep["task_mask"].reshape(-1) > 0
+  assert real.sum() == n and sorted(ep["item"].reshape(-1)[real]) == sorted(whole["item"])
+  # Each real task keeps min(Q, window) of its own window's rows, in time order.
+  pos = {int(i): t for t, i in enumerate(whole["item"])}
+  for bi in range(m):
+    for j in range(b):
+      if not ep["task_mask"][bi, j]:
+        assert not ep["query/mask"][bi, j].any()
+        continue
+      t = pos[int(ep["item"][bi, j])]
+      np.testing.assert_array_equal(ep["support/users"][bi, j], whole["support/users"][t])
+      window = whole["query/users"][t][whole["query/mask"][t] > 0]
+      got = ep["query/users"][bi, j][ep["query/mask"][bi, j] > 0]
+      assert len(got) == min(q, len(window))
+      where = [int(np.flatnonzero(window == u)[0]) for u in got] if len(set(window)) == len(
+          window) else None
+      if where is not None:
+        assert where == sorted(where)  # a time-ordered subset
+      assert set(got) <= set(window)
+  # Another key draws other subsets and another order; the same key, the same.
+  again = jax.tree.map(np.asarray, sample(pool, jax.random.key(0), q, b))
+  other = jax.tree.map(np.asarray, sample(pool, jax.random.key(1), q, b))
+  jax.tree.map(np.testing.assert_array_equal, ep, again)
+  assert not np.array_equal(ep["query/users"], other["query/users"])
