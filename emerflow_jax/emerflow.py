@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import time
 from typing import Any
 
 import jax
@@ -61,7 +62,8 @@ def meta_config(cfg: ml_collections.ConfigDict) -> meta.MetaConfig:
                          rule=str(cfg.meta.inner_rule),
                          phase_alpha=bool(cfg.meta.phase_alpha),
                          outer_loss=str(cfg.meta.outer_loss),
-                         cold_in_outer=bool(cfg.meta.cold_in_outer))
+                         cold_in_outer=bool(cfg.meta.cold_in_outer),
+                         auc_pairs=int(cfg.meta.auc_pairs))
 
 
 def build_tasks(ctx: methods.Context, split: protocol.Split,
@@ -133,11 +135,18 @@ def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
                       mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Meta-trains ``params`` (phi and/or e0, alpha) on old-item tasks; resumable.
 
-  Every epoch re-samples the rows of long chunks (``fold_in(seed, epoch)``), so
-  a resumed run sees exactly the tasks an uninterrupted one would.  Each batch
-  is split over ``mesh`` (default: every device); padding it to a multiple of
-  the mesh size adds fully masked tasks only, so the result does not depend on
-  the device count.
+  Flow tasks from each item's first row (the default) are packed once
+  (``tasks.flow_task_pool``) and kept on the device; every epoch draws its
+  query subsets and batches there (``tasks.sample_epoch``, keyed by
+  ``fold_in(key, epoch)``).  Other layouts are rebuilt on the host each epoch
+  (``build_tasks``, seeded per epoch).  Either way a resumed run sees exactly
+  the tasks an uninterrupted one would.  Each batch is split over ``mesh``
+  (default: every device); padding it to a multiple of the mesh size adds
+  fully masked tasks only, so the result does not depend on the device count.
+
+  Nothing inside an epoch waits for the device: its metrics stay there until
+  a checkpoint (every ``meta.ckpt_every_s`` seconds of training, and after
+  the last epoch), where every pending epoch is logged in one transfer.
   """
   cfg = ctx.config
   mcfg = meta_config(cfg)
@@ -148,42 +157,111 @@ def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
            "step": jnp.zeros((), jnp.int32),
            "rng": jax.random.key_data(jax.random.fold_in(ctx.key, 7))}
   state, frozen = sharding.replicate((state, frozen), mesh)
-  seed = int(jax.random.randint(jax.random.fold_in(ctx.key, 11), (), 0, 2**30))
-  epochs = int(cfg.meta.epochs)
+  epochs, batch_tasks = int(cfg.meta.epochs), int(cfg.meta.batch_tasks)
   task_split = ctx.split
   if task_items is not None:
     # ``task_items``: old items held out of the backbone's pretraining.
     task_split = protocol.chunk_items(ctx.ds, ctx.split, task_items)
     logging.info("meta: %d tasks' items held out of pretraining", len(task_items))
+  epoch_batches = _device_epochs(ctx, task_split, mesh)
+  if epoch_batches is None:
+    seed = int(jax.random.randint(jax.random.fold_in(ctx.key, 11), (), 0, 2**30))
+
+    def epoch_batches(epoch):
+      rng = np.random.default_rng([seed, epoch])
+      return [sharding.shard_tasks(b, mesh) for b in
+              tasks.batches(build_tasks(ctx, task_split, rng), batch_tasks, rng)]
+
+  every_s = float(cfg.meta.ckpt_every_s)
   with checkpoint.Checkpointer(ckpt_dir) as ckpt:
     state, done = ckpt.restore_or(state)
     start = int(done or 0)
     if done is not None:
       logging.info("meta: resumed at epoch %d", done)
+    pending, last_save = [], time.monotonic()
     for epoch in range(start, epochs):
-      rng = np.random.default_rng([seed, epoch])
-      all_tasks = build_tasks(ctx, task_split, rng)
       logs = []
-      for batch in tasks.batches(all_tasks, int(cfg.meta.batch_tasks), rng):
-        state, m = step_fn(state, frozen, sharding.shard_tasks(batch, mesh))
+      for batch in epoch_batches(epoch):
+        state, m = step_fn(state, frozen, batch)
         logs.append(m)
-      m = {k: float(np.mean([float(x[k]) for x in logs])) for k in logs[0]}
-      alpha = np.asarray(meta.step_size(state["params"]))
-      if "query_rank" in m:
-        logging.info("meta: epoch %d pooled pairwise query loss %.4f", epoch + 1,
-                     m["query_rank"])
-      per_phase = (" ".join(f"{a:.4f}" for a in alpha.reshape(len(alpha), -1).mean(1))
-                   if mcfg.phase_alpha else f"{alpha.mean():.4f}")
-      if "shrink" in state["params"]:
-        per_phase += f" shrink {float(state['params']['shrink']):.3f}"
-      logging.info("meta: epoch %d/%d step %d loss %.4f query L(e0) %.4f -> L(eT) %.4f "
-                   "alpha %s", epoch + 1, epochs, int(state["step"]), m["loss"],
-                   m["query_e0"], m["query_eT"], per_phase)
-      curves.write(curves.prefixed(ctx.writer, ckpt_dir.name.split("-")[0]), epoch + 1,
-                   dict(m, **{f"alpha_{i}": a for i, a in enumerate(
-                       np.atleast_1d(alpha).reshape(np.atleast_1d(alpha).shape[0], -1).mean(1))}))
-      ckpt.save(epoch + 1, state)
+      pending.append(_epoch_summary(logs, state))
+      if epoch + 1 == epochs or time.monotonic() - last_save >= every_s:
+        ckpt.save(epoch + 1, state)
+        _log_epochs(ctx, ckpt_dir, mcfg, epoch + 1 - len(pending), epochs, pending)
+        pending, last_save = [], time.monotonic()
   return jax.tree.map(jnp.asarray, sharding.gather(state["params"]))
+
+
+def _device_epochs(ctx: methods.Context, split: protocol.Split,
+                   mesh: jax.sharding.Mesh):
+  """``epoch -> [batch]`` drawn on the device from tasks packed once, or None.
+
+  Only flow tasks from the first row have a fixed pool (random offsets and
+  chunk tasks are rebuilt on the host).  Each batch of ``meta.batch_tasks``
+  tasks is padded with masked tasks to a multiple of the mesh size, as
+  ``sharding.shard_tasks`` pads a host batch.
+  """
+  m = ctx.config.meta
+  if m.tasks != "flow" or m.task_offset != "first":
+    return None
+  b = int(m.batch_tasks)
+  pool = tasks.flow_task_pool(ctx.ds, split, int(ctx.config.data.k), int(m.query_rows))
+  n_batches = -(-(len(pool["item"]) - 1) // b)
+  pool = sharding.replicate(pool, mesh)
+  extra = sharding.padded_size(b, mesh) - b
+  key = jax.random.fold_in(ctx.key, 11)
+
+  def sample(pool, epoch):
+    ep = tasks.sample_epoch(pool, jax.random.fold_in(key, epoch), int(m.query_rows), b)
+    return jax.tree.map(lambda x: jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)),
+                        ep)
+
+  sample = jax.jit(sample)
+  take = jax.jit(lambda ep, i: jax.tree.map(lambda x: x[i], ep),
+                 out_shardings=sharding.task_sharding(mesh))
+
+  def epoch_batches(epoch):
+    ep = sample(pool, jnp.asarray(epoch, jnp.int32))
+    return [take(ep, jnp.asarray(i, jnp.int32)) for i in range(n_batches)]
+
+  return epoch_batches
+
+
+def _epoch_summary(logs: list[dict[str, jnp.ndarray]],
+                   state: dict[str, Any]) -> dict[str, jnp.ndarray]:
+  """An epoch's mean metrics, step sizes and step, as new device arrays.
+
+  New arrays, since the next step donates ``state``; nothing is fetched here.
+  """
+  out = {k: jnp.mean(jnp.stack([m[k] for m in logs])) for k in logs[0]}
+  out["alpha"] = meta.step_size(state["params"])
+  out["step"] = state["step"] + 0
+  if "shrink" in state["params"]:
+    out["shrink"] = state["params"]["shrink"] + 0.0
+  return out
+
+
+def _log_epochs(ctx: methods.Context, ckpt_dir: pathlib.Path, mcfg: meta.MetaConfig,
+                first: int, epochs: int, pending: list[dict[str, jnp.ndarray]]) -> None:
+  """Logs and writes the curves of epochs ``first + 1 ...`` in one transfer."""
+  writer = curves.prefixed(ctx.writer, ckpt_dir.name.split("-")[0])
+  for i, s in enumerate(jax.device_get(sharding.gather(pending))):
+    epoch = first + i + 1
+    alpha = np.atleast_1d(s.pop("alpha"))
+    per_alpha = alpha.reshape(alpha.shape[0], -1).mean(1)
+    if "query_rank" in s:
+      logging.info("meta: epoch %d pooled pairwise query loss %.4f", epoch,
+                   s["query_rank"])
+    per_phase = (" ".join(f"{a:.4f}" for a in per_alpha) if mcfg.phase_alpha
+                 else f"{alpha.mean():.4f}")
+    if "shrink" in s:
+      per_phase += f" shrink {float(s.pop('shrink')):.3f}"
+    step = int(s.pop("step"))
+    logging.info("meta: epoch %d/%d step %d loss %.4f query L(e0) %.4f -> L(eT) %.4f "
+                 "alpha %s", epoch, epochs, step, s["loss"], s["query_e0"],
+                 s["query_eT"], per_phase)
+    curves.write(writer, epoch, dict({k: float(v) for k, v in s.items()},
+                                     **{f"alpha_{j}": a for j, a in enumerate(per_alpha)}))
 
 
 def refine_items(meta_params: dict[str, Any], model, mcfg: meta.MetaConfig,

@@ -86,10 +86,12 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.meta.rule_pick = "fewest_rows"  # which: fewest_rows (most like emerging items) | random
   c.meta.first_order = False      # first-order (stop-gradient through inner grads)
   c.meta.outer_loss = "auc"       # query term: auc (pooled pairwise, as the protocol's pooled AUC) | bce
+  c.meta.auc_pairs = 0            # auc: 0 = every pair (quadratic); m > 0 = m sampled partners per row (unbiased, linear)
   c.meta.beta = 0.1               # outer loss = beta * L(support; e0) + (1-beta) * L(query; e_T)
   c.meta.epochs = 100             # passes over all meta-training tasks
   c.meta.batch_tasks = 64         # tasks per meta step
   c.meta.lr = 1e-3                # outer Adam learning rate
+  c.meta.ckpt_every_s = 30.0      # checkpoint meta-training at most this often (s of training) and after the last epoch
   c.meta.alpha_lr = 1e-2          # outer Adam learning rate of log alpha (0 -> meta.lr)
   c.meta.support_rows = k         # chunk tasks: padded support width (K mimics a warm phase)
   c.meta.query_rows = 4 * k       # padded query width (flow: sampled from the rows after the phases)
