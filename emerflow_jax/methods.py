@@ -214,6 +214,16 @@ class Method:
     return None
 
   def cold(self, ctx: Context, state: Any, items: np.ndarray) -> jnp.ndarray:
+    """Cold embeddings [n, d] of ``items``, before any of their rows is seen.
+
+    Args:
+      ctx: the run's context.
+      state: what ``fit`` returned.
+      items: [n] item ids (validation holdout or emerging items).
+
+    Returns:
+      [n, d] embeddings, one row per entry of ``items``.
+    """
     raise NotImplementedError
 
   def refine(self, ctx: Context, state: Any, emb: jnp.ndarray,

@@ -73,6 +73,15 @@ class CVAE(nn.Module):
     return self.prior_mean(side), self.prior_logv(side)
 
   def decode(self, z, side):
+    """Embeddings decoded from latents and side inputs.
+
+    Args:
+      z: [..., latent] latent codes.
+      side: [..., S] side inputs (``side_input``).
+
+    Returns:
+      [..., out] embeddings.
+    """
     return self.dec(jnp.concatenate([z, side], -1))
 
   def __call__(self, emb, side):  # only for init: touches every layer
@@ -82,7 +91,19 @@ class CVAE(nn.Module):
 
 
 def side_input(p: dict, tables: backbones.Tables, items: jnp.ndarray) -> jnp.ndarray:
-  """S + [F * d (+ d)]: the CVAE's own side-field embeddings (and own ID row)."""
+  """S + [F * d (+ d)]: the CVAE's own side-field embeddings (and own ID row).
+
+  Args:
+    p: the CVAE's parameters (``CVAR.init_params``): "fields" (its own copy of
+      the side-field tables by parameter name) and, if ``cvar.own_id``,
+      "own_id" [n_ids, d].
+    tables: feature tables.
+    items: S int item indices.
+
+  Returns:
+    S + [F * d], or S + [F * d + d] with the own ID row appended, F the number
+    of item side fields.
+  """
   side = metaemb.side_embeddings(p["fields"], tables, items)
   if "own_id" in p:
     own = jnp.take(p["own_id"], backbones.item_ids(tables, items), axis=0)
@@ -91,14 +112,36 @@ def side_input(p: dict, tables: backbones.Tables, items: jnp.ndarray) -> jnp.nda
 
 
 def wasserstein(mean1, logv1, mean2, logv2) -> jnp.ndarray:
-  """[B] squared 2-Wasserstein distance between diagonal Gaussians."""
+  """[B] squared 2-Wasserstein distance between diagonal Gaussians.
+
+  Args:
+    mean1: [B, z] means of the first Gaussians.
+    logv1: [B, z] their log variances.
+    mean2: [B, z] means of the second Gaussians.
+    logv2: [B, z] their log variances.
+
+  Returns:
+    [B] distances, summed over the latent dimensions.
+  """
   return (((mean1 - mean2) ** 2).sum(-1)
           + ((jnp.exp(0.5 * logv1) - jnp.exp(0.5 * logv2)) ** 2).sum(-1))
 
 
 def generate(cvae: CVAE, p: dict, tables: backbones.Tables, items: jnp.ndarray,
              key: jax.Array, noise: float) -> jnp.ndarray:
-  """[n, d] embeddings decoded from the prior p(z | side) of items [n]."""
+  """[n, d] embeddings decoded from the prior p(z | side) of items [n].
+
+  Args:
+    cvae: the CVAE module.
+    p: the CVAE's parameters ("nets", "fields", optional "own_id").
+    tables: feature tables.
+    items: [n] item indices.
+    key: PRNG key of the latent sample.
+    noise: scale of the sample's standard deviation (0 decodes the prior mean).
+
+  Returns:
+    [n, d] embeddings.
+  """
   side = side_input(p, tables, items)
   mean, logv = cvae.apply(p["nets"], side, method=CVAE.prior)
   z = mean + noise * jnp.exp(0.5 * logv) * jax.random.normal(key, mean.shape)
@@ -111,8 +154,15 @@ def loss_terms(cvae: CVAE, p: dict, model: backbones.Backbone, params: Any,
   """CVAR's three loss terms on a minibatch of rows.
 
   Args:
+    cvae: the CVAE module.
+    p: the CVAE's parameters (trained).
+    model: the backbone module.
+    params: the frozen backbone's parameters.
+    tables: feature tables.
     rows: "users", "items", "labels" [B] and "target" [B, d] (the ID
       embedding of each row's item, the reconstruction target).
+    key: PRNG key of the two latent samples.
+    noise: scale of the samples' standard deviation.
 
   Returns:
     {"main": BCE with the prior-decoded embedding, "recon": mean squared
@@ -140,6 +190,23 @@ def train_epoch(cvae: CVAE, model: backbones.Backbone, tx: optax.GradientTransfo
                 iters: int, recon_w: float, wass_w: float, noise: float
                 ) -> tuple[dict, Any, dict[str, jnp.ndarray]]:
   """One shuffled pass over rows [R], ``iters`` Adam steps per minibatch.
+
+  Args:
+    cvae: the CVAE module (static).
+    model: the backbone module (static).
+    tx: the optimizer (static; one object per learning rate, see ``_adam``).
+    p: the CVAE's parameters.
+    opt_state: ``tx``'s state for ``p``.
+    params: the frozen backbone's parameters.
+    tables: feature tables.
+    rows: "users", "items", "labels" [R] and "target" [R, d].
+    key: PRNG key of the shuffle and the latent samples.
+    batch_size: rows per minibatch; the last R mod batch_size shuffled rows
+      are dropped.
+    iters: Adam steps per minibatch.
+    recon_w: weight of the reconstruction term.
+    wass_w: weight of the Wasserstein term.
+    noise: scale of the latent samples' standard deviation.
 
   Returns:
     (p, opt_state, {"main", "recon", "wass", "loss"} each [n_batches, iters]).
@@ -187,7 +254,17 @@ class CVAR(methods.Method):
     return CVAE(latent=int(ctx.config.cvar.latent_dim), out=ctx.dim)
 
   def init_params(self, ctx: methods.Context, key: jax.Array) -> dict:
-    """The CVAE's own parameters: nets, side-field tables (and own ID table)."""
+    """The CVAE's own parameters: nets, side-field tables (and own ID table).
+
+    Args:
+      ctx: the run's context (backbone parameters, tables, ``cvar`` config).
+      key: PRNG key of the nets' initialisation.
+
+    Returns:
+      {"fields": copies of the backbone's side-field tables, "own_id": zeros
+      like the backbone's ID table (only if ``cvar.own_id``), "nets": the CVAE's
+      Flax variables}.
+    """
     embed = metaemb.backbone_embed(ctx.params)
     fields = {k.replace("/", "_"): embed[k.replace("/", "_")]
               for k in metaemb.side_fields(ctx.tables)}
@@ -201,6 +278,13 @@ class CVAR(methods.Method):
   def train(self, ctx: methods.Context, p: dict, rows: dict[str, jnp.ndarray],
             epochs: int, key: jax.Array) -> tuple[dict, list[dict[str, float]]]:
     """Trains the CVAE on rows for some epochs with a fresh Adam (as CVAR does).
+
+    Args:
+      ctx: the run's context (``cvar`` config, backbone).
+      p: the CVAE's parameters to start from.
+      rows: "users", "items", "labels" [R] and "target" [R, d].
+      epochs: passes over ``rows``.
+      key: PRNG key; epoch e uses ``fold_in(key, e)``.
 
     Returns:
       (params, per-epoch mean of each loss term).
@@ -235,12 +319,36 @@ class CVAR(methods.Method):
     return {"params": p, "key": k_gen, "history": history}
 
   def cold(self, ctx: methods.Context, state: Any, items: np.ndarray) -> jnp.ndarray:
+    """Implements ``methods.Method.cold``: decodes each item's prior.
+
+    Args:
+      ctx: the run's context.
+      state: what ``fit`` returned ("params", "key").
+      items: [n] item ids.
+
+    Returns:
+      [n, d] embeddings decoded from p(z | side), sampled with key 0.
+    """
     return _generate(self._cvae(ctx), state["params"], ctx.tables, jnp.asarray(items),
                      jax.random.fold_in(state["key"], 0), float(ctx.config.cvar.noise))
 
   def refine(self, ctx: methods.Context, state: Any, emb: jnp.ndarray,
              batch: dict[str, np.ndarray], items: np.ndarray, phase: int
              ) -> tuple[jnp.ndarray, Any]:
+    """Implements ``methods.Method.refine``: fine-tune, retrain, blend.
+
+    Args:
+      ctx: the run's context.
+      state: "params", "key" (and "history") from ``fit`` or the last phase.
+      emb: [n, d] current embeddings of ``items``.
+      batch: the phase's rows, each [n, K], with "mask" [n, K].
+      items: [n] item ids.
+      phase: 0, 1, 2 for warm_a, warm_b, warm_c.
+
+    Returns:
+      (``keep * tuned + (1 - keep) * regenerated`` [n, d], the state with the
+      CVAE retrained on this phase's rows).
+    """
     cfg = ctx.config.cvar
     tuned, _ = super().refine(ctx, state, emb, batch, items, phase)
     key = jax.random.fold_in(state["key"], phase + 1)  # key 0 drew the cold sample

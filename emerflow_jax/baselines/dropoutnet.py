@@ -57,4 +57,14 @@ class DropoutNet(methods.Method):
     return {"mean": row_weighted_mean(ctx)}
 
   def cold(self, ctx: methods.Context, state: Any, items: np.ndarray) -> jnp.ndarray:
+    """Implements ``methods.Method.cold``: every item gets the mean ID embedding.
+
+    Args:
+      ctx: the run's context.
+      state: what ``fit`` returned ({"mean": [d]}).
+      items: [n] item ids; only their number is read.
+
+    Returns:
+      [n, d] copies of the row-weighted mean old-item embedding.
+    """
     return jnp.broadcast_to(state["mean"], (len(items), ctx.dim))

@@ -121,6 +121,9 @@ def inner_step(model: backbones.Backbone, params: Any, tables: backbones.Tables,
   """One SGD step on one item's embedding: e - lr * grad_e L(rows; e).
 
   Args:
+    model: the backbone module.
+    params: the frozen backbone's parameters.
+    tables: feature tables.
     emb: [d] the item's embedding.
     rows: {"users", "items", "labels", "mask"} each [R].
     lr: step size.
@@ -135,7 +138,21 @@ def inner_step(model: backbones.Backbone, params: Any, tables: backbones.Tables,
 def task_loss(gen: nn.Module, gen_params: Any, model: backbones.Backbone,
               params: Any, tables: backbones.Tables, task: dict[str, jnp.ndarray],
               inner_lr: float, alpha: float) -> jnp.ndarray:
-  """alpha * L_a(e0) + (1 - alpha) * L_b(e1) for one task (unbatched leaves)."""
+  """alpha * L_a(e0) + (1 - alpha) * L_b(e1) for one task (unbatched leaves).
+
+  Args:
+    gen: the generator module.
+    gen_params: its parameters.
+    model: the backbone module.
+    params: the frozen backbone's parameters.
+    tables: feature tables.
+    task: one task: "item" [] and "support/*" [Ks], "query/*" [Kq] rows.
+    inner_lr: step size of the inner step on the support rows.
+    alpha: weight of the support loss of e0.
+
+  Returns:
+    scalar.
+  """
   side = side_embeddings(backbone_embed(params), tables, task["item"])
   e0 = gen.apply(gen_params, side)
   support, query = _rows(task, "support"), _rows(task, "query")
@@ -151,8 +168,15 @@ def meta_loss(gen: nn.Module, gen_params: Any, model: backbones.Backbone,
   """Mean task loss over a padded batch of tasks.
 
   Args:
+    gen: the generator module.
+    gen_params: its parameters (the ones differentiated).
+    model: the backbone module.
+    params: the frozen backbone's parameters.
+    tables: feature tables.
     batch: tasks as from ``tasks.batches``: "item" [B], "support/*" [B, Ks],
       "query/*" [B, Kq], "task_mask" [B] (0 for padding tasks).
+    inner_lr: step size of each task's inner step.
+    alpha: weight of the support loss of e0.
 
   Returns:
     scalar.
@@ -171,6 +195,17 @@ def make_epoch_fn(gen: nn.Module, model: backbones.Backbone,
 
   ``stacked`` holds the epoch's task batches stacked on a leading axis, so one
   ``lax.scan`` runs the whole epoch in one dispatch.
+
+  Args:
+    gen: the generator module.
+    model: the backbone module.
+    tx: the generator's optimizer.
+    inner_lr: step size of each task's inner step.
+    alpha: weight of the support loss of e0.
+
+  Returns:
+    The jitted epoch function; it donates ``state`` (``pretrain.init_state``
+    layout: "params", "opt_state", "step", ...).
   """
 
   def epoch(state, params, tables, stacked):
@@ -193,6 +228,15 @@ def epoch_batches(ctx: methods.Context, epoch: int, seed: int
 
   The generator is seeded by (seed, epoch), so a resumed run sees exactly the
   batches an uninterrupted one would.
+
+  Args:
+    ctx: the run's context (dataset, split, ``metaemb`` config).
+    epoch: the epoch's index.
+    seed: the run's data seed (``seed_of``).
+
+  Returns:
+    {key: [n_batches, B, ...]} over the keys of ``tasks.batches`` (with
+    "task_mask"), B = ``metaemb.batch_tasks``.
   """
   cfg = ctx.config.metaemb
   rng = np.random.default_rng([seed, epoch])
@@ -242,6 +286,16 @@ class MetaEmb(methods.Method):
     return {"gen_params": state["params"]}
 
   def cold(self, ctx: methods.Context, state: Any, items: np.ndarray) -> jnp.ndarray:
+    """Implements ``methods.Method.cold``: the generator applied to side fields.
+
+    Args:
+      ctx: the run's context.
+      state: what ``fit`` returned ({"gen_params"}).
+      items: [n] item ids.
+
+    Returns:
+      [n, d] generated embeddings G(side_i).
+    """
     side = side_embeddings(backbone_embed(ctx.params), ctx.tables, jnp.asarray(items))
     return _generate(self._generator(ctx), state["gen_params"], side)
 

@@ -42,7 +42,16 @@ USER_ID = "user/user_id"
 
 def user_vectors(params: Any, tables: backbones.Tables,
                  users: jnp.ndarray) -> jnp.ndarray:
-  """S + [d] frozen user-ID embeddings of user indices S."""
+  """S + [d] frozen user-ID embeddings of user indices S.
+
+  Args:
+    params: the frozen backbone's parameters.
+    tables: feature tables (with "user/user_id").
+    users: S int user indices.
+
+  Returns:
+    S + [d] embeddings.
+  """
   table = params["params"]["embed"][USER_ID.replace("/", "_")]
   return jnp.take(table, jnp.take(tables[USER_ID], users, axis=0), axis=0)
 
@@ -67,19 +76,48 @@ def user_sums(user_emb: jnp.ndarray, owners: jnp.ndarray, mask: jnp.ndarray,
 
 def user_means(sums: jnp.ndarray, counts: jnp.ndarray,
                fallback: jnp.ndarray) -> jnp.ndarray:
-  """[n, d] mean user embedding per item, ``fallback`` [d] where none is seen."""
+  """[n, d] mean user embedding per item, ``fallback`` [d] where none is seen.
+
+  Args:
+    sums: [n, d] summed user embeddings per item (``user_sums``).
+    counts: [n] rows counted per item.
+    fallback: [d] the embedding of an item with no counted row.
+
+  Returns:
+    [n, d] means.
+  """
   mean = sums / jnp.maximum(counts, 1.0)[:, None]
   return jnp.where(counts[:, None] > 0, mean, fallback)
 
 
 def shift_of(nets: dict, hidden: int, users: jnp.ndarray) -> jnp.ndarray:
-  """[n, d] meta shift from the mean embedding of each item's users [n, d]."""
+  """[n, d] meta shift from the mean embedding of each item's users [n, d].
+
+  Args:
+    nets: the meta networks' parameters ({"scale", "shift"}).
+    hidden: hidden width of the networks.
+    users: [n, d] mean user embedding per item (``user_means``).
+
+  Returns:
+    [n, d] shifts.
+  """
   return metaemb.TwoLayer(hidden, users.shape[-1]).apply(nets["shift"], users)
 
 
 def warm_embeddings(nets: dict, hidden: int, emb: jnp.ndarray, side: jnp.ndarray,
                     users: jnp.ndarray) -> jnp.ndarray:
-  """[n, d] scale(side [n, S]) * emb [n, d] + shift(users [n, d])."""
+  """[n, d] scale(side [n, S]) * emb [n, d] + shift(users [n, d]).
+
+  Args:
+    nets: the meta networks' parameters ({"scale", "shift"}).
+    hidden: hidden width of the networks.
+    emb: [n, d] cold ID embeddings.
+    side: [n, S] side-field embeddings (``metaemb.side_embeddings``).
+    users: [n, d] mean user embedding per item.
+
+  Returns:
+    [n, d] warm embeddings.
+  """
   scale = metaemb.TwoLayer(hidden, emb.shape[-1]).apply(nets["scale"], side)
   return scale * emb + shift_of(nets, hidden, users)
 
@@ -91,6 +129,17 @@ def make_epoch_fn(model: backbones.Backbone, hidden: int, batch_size: int,
   ``carry`` = {"cold": [n_old, d], "nets", "opt_cold", "opt_nets"}; ``data``
   holds the old-item rows ("users", "items", "labels", "owner" [R]) and per old
   item "side" [n_old, S] and "user_mean" [n_old, d].
+
+  Args:
+    model: the backbone module.
+    hidden: hidden width of the meta networks.
+    batch_size: rows per minibatch; the last R mod batch_size shuffled rows
+      are dropped each epoch.
+    lr: Adam learning rate of both the cold table and the networks.
+
+  Returns:
+    (the jitted epoch, which donates ``carry`` and returns losses each
+    [n_batches], the Adam transformation to initialise the carry with).
   """
   tx = optax.adam(lr)
 
@@ -192,6 +241,16 @@ class MWUF(methods.Method):
     return int(ctx.config.mwuf.hidden)
 
   def cold(self, ctx: methods.Context, state: Any, items: np.ndarray) -> jnp.ndarray:
+    """Implements ``methods.Method.cold``: ``scale(side) * mean_e + shift(cold users)``.
+
+    Args:
+      ctx: the run's context.
+      state: what ``fit`` returned ("nets", "mean" [d], "cold_users" [d]).
+      items: [n] item ids.
+
+    Returns:
+      [n, d] cold embeddings.
+    """
     n = len(items)
     side = metaemb.side_embeddings(metaemb.backbone_embed(ctx.params), ctx.tables,
                                    jnp.asarray(items))
@@ -202,6 +261,20 @@ class MWUF(methods.Method):
   def refine(self, ctx: methods.Context, state: Any, emb: jnp.ndarray,
              batch: dict[str, np.ndarray], items: np.ndarray, phase: int
              ) -> tuple[jnp.ndarray, Any]:
+    """Implements ``methods.Method.refine``: swap the shift, then fine-tune.
+
+    Args:
+      ctx: the run's context.
+      state: what ``fit`` returned, plus "seen" (users' sums, counts and the
+        current shift) from the previous phase; phase 0 starts it afresh.
+      emb: [n, d] current embeddings of ``items``.
+      batch: the phase's rows, each [n, K], with "mask" [n, K].
+      items: [n] item ids.
+      phase: 0, 1, 2 for warm_a, warm_b, warm_c.
+
+    Returns:
+      (new embeddings [n, d], the state with "seen" covering this phase's rows).
+    """
     n, hidden = len(items), self._hidden(ctx)
     seen = state.get("seen")
     if phase == 0:
