@@ -82,6 +82,14 @@ def restrict(config: ml_collections.ConfigDict,
 
   A method sees only the sections its cache keys cover, so reading an
   undeclared section fails loudly instead of silently escaping the key.
+
+  Args:
+    config: a run config.
+    sections: the top-level sections to keep; those absent from ``config``
+      are skipped.
+
+  Returns:
+    A new locked ConfigDict with just those sections.
   """
   d = config.to_dict()
   return ml_collections.ConfigDict({s: d[s] for s in sections if s in d}).lock()

@@ -37,12 +37,29 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, force: bool = True) -> None:
-    """Writes ``state`` as ``step`` and blocks until it is on disk."""
+    """Writes ``state`` as ``step`` and blocks until it is on disk.
+
+    Args:
+      step: the step number to save under (made an int).
+      state: the pytree of arrays to save.
+      force: save even when Orbax's save policy would skip this step.
+    """
     self._manager.save(int(step), args=ocp.args.StandardSave(state), force=force)
     self._manager.wait_until_finished()
 
   def restore(self, template: Any, step: int | None = None) -> Any:
-    """Restores the given (or latest) step into the structure of ``template``."""
+    """Restores the given (or latest) step into the structure of ``template``.
+
+    Args:
+      template: a pytree with the saved state's structure, shapes and dtypes.
+      step: the step to restore; None restores the latest.
+
+    Returns:
+      The restored pytree.
+
+    Raises:
+      FileNotFoundError: when nothing is saved under ``directory``.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")

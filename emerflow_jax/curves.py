@@ -27,6 +27,12 @@ class _Prefixed:
     self.inner, self.prefix = inner, prefix
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Writes ``scalars`` at ``step`` with every tag under ``prefix/``.
+
+    Args:
+      step: the step to write at.
+      scalars: tag -> value.
+    """
     self.inner.write_scalars(step, {f"{self.prefix}/{k}": v for k, v in scalars.items()})
 
 
@@ -60,12 +66,26 @@ def writer(config: ml_collections.ConfigDict, logdir: str | os.PathLike
 
 
 def prefixed(w: Any, prefix: str) -> Any:
-  """``w`` writing under ``prefix/`` (None stays None)."""
+  """``w`` writing under ``prefix/`` (None stays None).
+
+  Args:
+    w: a writer from ``writer``, or None.
+    prefix: the tag prefix, without the trailing slash.
+
+  Returns:
+    A writer that prepends ``prefix/`` to every tag, or None.
+  """
   return None if w is None else _Prefixed(w, prefix)
 
 
 def write(w: Any, step: int, scalars: Mapping[str, Any]) -> None:
-  """Writes ``scalars`` at ``step`` if there is a writer (values made float)."""
+  """Writes ``scalars`` at ``step`` if there is a writer (values made float).
+
+  Args:
+    w: a writer, or None (then nothing is written).
+    step: the step to write at (made an int).
+    scalars: tag -> scalar value (Python, NumPy or a 0-d JAX array).
+  """
   if w is not None:
     w.write_scalars(int(step), {k: float(v) for k, v in scalars.items()})
 

@@ -26,6 +26,13 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
   """Area under the ROC curve of binary labels [n] and scores [n] (tie-aware).
 
+  Args:
+    labels: [n] binary labels (flattened; nonzero is positive).
+    scores: [n] predicted scores, as many as ``labels``.
+
+  Returns:
+    The AUC in [0, 1]; a tied positive/negative pair counts 1/2.
+
   Raises:
     ValueError: when a class is missing (AUC undefined) or scores are not finite.
   """
@@ -44,7 +51,15 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def f1_at_mean(labels: np.ndarray, scores: np.ndarray) -> float:
-  """F1 of predicting 1 where score > mean(score) (CVAR/EmerG threshold rule)."""
+  """F1 of predicting 1 where score > mean(score) (CVAR/EmerG threshold rule).
+
+  Args:
+    labels: [n] binary labels (flattened, nonzero is positive).
+    scores: [n] predicted scores.
+
+  Returns:
+    The F1 score; 0.0 when no positive is predicted correctly.
+  """
   labels = np.asarray(labels).astype(bool).ravel()
   scores = np.asarray(scores, np.float64).ravel()
   pred = scores > scores.mean()

@@ -62,6 +62,15 @@ def rows_by_item(items: np.ndarray, times: np.ndarray,
 
   The row-index tie-break keeps the order of equal timestamps as in the file,
   so the split is deterministic.
+
+  Args:
+    items: [R] item index of each row.
+    times: [R] timestamp of each row.
+    n_items: number of items; indices in ``items`` are < n_items.
+
+  Returns:
+    n_items arrays of row indices, [rows of item i] each (empty for an item
+    with no row).
   """
   order = np.lexsort((np.arange(len(items)), times, items))
   bounds = np.searchsorted(items[order], np.arange(n_items + 1))
@@ -127,6 +136,13 @@ def carve_validation(split: Split, ds: dataset_lib.Dataset, fraction: float,
   ``pick`` is "random" (uniform) or "fewest_rows": the old items with the
   fewest rows (ties broken at random), the old items most like emerging ones.
 
+  Args:
+    split: the split to carve from.
+    ds: the dataset.
+    fraction: share of ``split.old_items`` to hold out (rounded to a count).
+    seed: seed of the draw.
+    pick: "random" or "fewest_rows".
+
   Returns:
     (the split without those items in base_rows / meta_chunks, the Holdout or
     None when fraction is 0).
@@ -180,6 +196,16 @@ def chunk_items(ds: dataset_lib.Dataset, split: Split, items: np.ndarray,
 
   Each item's time-ordered rows are cut into ``n_chunks`` chunks, as for old
   items; used when meta-training runs on old items held out of pretraining.
+
+  Args:
+    ds: the dataset.
+    split: the split to copy.
+    items: [m] item ids that become ``old_items``.
+    n_chunks: meta chunks per item.
+
+  Returns:
+    The Split with ``old_items`` = ``items`` and their ``meta_chunks``; its
+    base_rows are unchanged.
   """
   groups = rows_by_item(ds.items, ds.times, ds.n_items)
   return dataclasses.replace(

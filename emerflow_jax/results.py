@@ -18,7 +18,13 @@ from emerflow_jax import protocol
 
 
 def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-  """Writes JSON via a temporary file and a rename (a kill never leaves half a file)."""
+  """Writes JSON via a temporary file and a rename (a kill never leaves half a file).
+
+  Args:
+    path: the file to write.
+    obj: a JSON-serialisable object; NumPy scalars and arrays become numbers
+      and lists, anything else unknown its ``str``.
+  """
   path = pathlib.Path(path)
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(json.dumps(obj, indent=1, default=_default))
@@ -35,7 +41,23 @@ def _default(o):
 
 def summarize(config, dataset: str, per_seed: list[dict], counts: dict,
               total_s: float) -> dict:
-  """Builds the results.json dict from per-seed results."""
+  """Builds the results.json dict from per-seed results.
+
+  Args:
+    config: the run config (``backbone``, ``method`` and the whole dict are
+      recorded).
+    dataset: the dataset's name.
+    per_seed: one result dict per seed ("seed", "key", "seconds" and per
+      metric ("auc", "f1", "val_auc", "val_f1") phase -> value, or None).
+    counts: the split's sizes (``Split.counts``).
+    total_s: wall time of the whole run, in seconds.
+
+  Returns:
+    {"dataset", "backbone", "method", "config", "phases", "auc", "f1",
+    "seeds", "counts", "keys", "seconds"} and "val_auc"/"val_f1" when every
+    seed has them; a metric maps phase -> [n_seeds] values, and "auc"/"f1"
+    are None unless every seed scored the test rows.
+  """
   phases = list(protocol.PHASES)
   def per_phase(metric):  # None when a seed did not score it (eval.test=False)
     if not all(r.get(metric) for r in per_seed):
@@ -64,7 +86,17 @@ def mean_std(values: Iterable[float]) -> str:
 
 def markdown_table(runs: list[dict], metric: str = "auc",
                    bold_best: bool = False) -> str:
-  """A mean ± std table: one row per run, one column per phase."""
+  """A mean ± std table: one row per run, one column per phase.
+
+  Args:
+    runs: results.json dicts; each needs "method", "backbone" and ``metric``
+      as phase -> per-seed values.
+    metric: the key of the metric to show ("auc", "f1", ...).
+    bold_best: bold the best mean per phase (only with two or more runs).
+
+  Returns:
+    The Markdown table, without a trailing newline.
+  """
   phases = list(protocol.PHASES)
   lines = ["| method | backbone | " + " | ".join(phases) + " |",
            "|---|---|" + "---|" * len(phases)]
@@ -81,7 +113,13 @@ def markdown_table(runs: list[dict], metric: str = "auc",
 
 
 def plot_auc(runs: list[dict], path: pathlib.Path, title: str) -> None:
-  """AUC by phase, one line (mean ± std band) per run."""
+  """AUC by phase, one line (mean ± std band) per run.
+
+  Args:
+    runs: results.json dicts with "auc" as phase -> per-seed values.
+    path: the PNG to write (written to a temporary file, then renamed).
+    title: the plot's title.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -106,7 +144,15 @@ def plot_auc(runs: list[dict], path: pathlib.Path, title: str) -> None:
 
 
 def write_run(workdir: pathlib.Path, summary: dict) -> None:
-  """Writes results.json, runs/<method>_<backbone>.json, results.md and auc.png."""
+  """Writes results.json, runs/<method>_<backbone>.json, results.md and auc.png.
+
+  The table and plot show every run under ``workdir/runs`` that has test
+  AUCs, this one first.
+
+  Args:
+    workdir: the run's folder.
+    summary: the dict from ``summarize``.
+  """
   workdir = pathlib.Path(workdir)
   write_json_atomic(workdir / "results.json", summary)
   runs_dir = workdir / "runs"
