@@ -81,12 +81,32 @@ class _GridSampler(optuna.samplers.GridSampler):
   """
 
   def after_trial(self, study, trial, state, values):
+    """Does nothing: ``work`` decides when a grid is done, not ``study.stop()``.
+
+    Args:
+      study: the study (unused).
+      trial: the finished trial (unused).
+      state: its state (unused).
+      values: its objective values (unused).
+    """
     del study, trial, state, values
 
 
 def make_sampler(name: str, grid: Mapping[str, Sequence[Any]] | None = None,
                  seed: int = 0) -> optuna.samplers.BaseSampler:
-  """"grid" (GridSampler over ``grid``), "random" or "tpe", seeded."""
+  """"grid" (GridSampler over ``grid``), "random" or "tpe", seeded.
+
+  Args:
+    name: "grid", "random" or "tpe".
+    grid: parameter name -> its values; required for "grid", ignored otherwise.
+    seed: the sampler's seed.
+
+  Returns:
+    The sampler; the grid one never calls ``study.stop()``.
+
+  Raises:
+    ValueError: on an unknown name, or "grid" without ``grid``.
+  """
   if name == "grid":
     if grid is None:
       raise ValueError("the grid sampler needs the grid's values")
@@ -146,7 +166,18 @@ def _claim(t: optuna.trial.FrozenTrial) -> str | None:
 
 def fail_stale(st: optuna.Study, grace_s: float,
                log: Callable[[str], None] = logging.info) -> list[int]:
-  """Marks FAIL every RUNNING trial without a heartbeat for ``grace_s`` seconds."""
+  """Marks FAIL every RUNNING trial without a heartbeat for ``grace_s`` seconds.
+
+  A trial that never beat counts from its start time.
+
+  Args:
+    st: the study.
+    grace_s: seconds without a heartbeat after which a worker counts as dead.
+    log: called with one line per trial marked.
+
+  Returns:
+    The numbers of the trials marked FAIL.
+  """
   now, out = time.time(), []
   for t in st.get_trials(deepcopy=False, states=(State.RUNNING,)):
     last = t.user_attrs.get("heartbeat") or t.datetime_start.timestamp()
@@ -158,7 +189,15 @@ def fail_stale(st: optuna.Study, grace_s: float,
 
 
 def requeue_failed(st: optuna.Study, grid: Sequence[Mapping[str, Any]]) -> int:
-  """Queues again every grid point whose trials all failed; returns how many."""
+  """Queues again every grid point whose trials all failed; returns how many.
+
+  Args:
+    st: the study.
+    grid: the grid's points, parameter name -> value each.
+
+  Returns:
+    The number of points queued (a point with a live trial is not).
+  """
   trials = st.get_trials(deepcopy=False)
   live = {_claim(t) for t in trials if t.state in _LIVE}
   failed = {_claim(t) for t in trials if t.state == State.FAIL}

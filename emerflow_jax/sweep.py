@@ -105,7 +105,17 @@ def trial_name(point: Point) -> str:
 
 def trial_argv(config_path: str, point: Point, workdir: pathlib.Path,
                base: Point | None = None) -> list[str]:
-  """The ``experiments.run`` command line of one trial."""
+  """The ``experiments.run`` command line of one trial.
+
+  Args:
+    config_path: the ``--config`` value (``path.py[:arg]``).
+    point: the trial's overrides, dotted key -> value.
+    workdir: the trial's ``--workdir``.
+    base: overrides shared by every trial; ``point``'s values win.
+
+  Returns:
+    argv, starting with the current Python interpreter.
+  """
   overrides = {**(base or {}), **point}
   return ([sys.executable, "-m", "experiments.run", f"--config={config_path}"] +
           [f"--config.{k}={_value(v)}" for k, v in overrides.items()] +
@@ -118,7 +128,13 @@ def validation_score(res: dict, phases: Sequence[str] = protocol.WARM_PHASES
 
   The default is the warm phases only: the cold phase does not depend on most
   refinement settings, and the warm phases are what EmerFlow adapts in.
-  None when the run has no validation holdout.
+
+  Args:
+    res: a results.json dict ("val_auc": phase -> per-seed AUCs).
+    phases: the phases to average over.
+
+  Returns:
+    The score, or None when the run has no validation holdout.
   """
   val = res.get("val_auc")
   if not val:
@@ -269,7 +285,21 @@ def run_sweep(config_path: str, points: Sequence[Point] | None, root: str | os.P
 
 def summarize(config_path: str, base: Point, st: optuna.Study,
               ran: Sequence[int] = ()) -> dict[str, Any]:
-  """The study's trials, ranked by validation score (COMPLETE first)."""
+  """The study's trials, ranked by validation score (COMPLETE first).
+
+  Args:
+    config_path: the sweep's ``--config`` (recorded).
+    base: the overrides shared by every trial (recorded).
+    st: the study.
+    ran: numbers of the trials this invocation ran; other finished ones are
+      reported as "skipped" (reused or run by another worker).
+
+  Returns:
+    The sweep.json dict: {"config", "base_overrides", "study", "ranking",
+    "best" (None if no trial completed), "trials" (ranked, then the rest by
+    number; PRUNED ones left out, a retried point only by its latest trial),
+    "counts" per status}.
+  """
   records = []
   latest: dict[str, dict] = {}
   for t in st.get_trials(deepcopy=False):
@@ -339,7 +369,12 @@ def markdown(summary: dict) -> str:
 
 
 def check_keys(config, points: Sequence[Point]) -> None:
-  """Raises ValueError naming the first override key the config lacks."""
+  """Raises ValueError naming the first override key the config lacks.
+
+  Args:
+    config: the base config (a ConfigDict or nested mapping).
+    points: override dicts with dotted keys.
+  """
   for point in points:
     for key in point:
       node = config

@@ -38,12 +38,28 @@ OBJECTIVE = ("mean over trial seeds of the mean validation AUC over cold, warm_a
 
 
 def run_name(method: str, backbone: str) -> str:
+  """The folder name of a method on a backbone: ``<method>_<backbone>``.
+
+  Args:
+    method: the method's name (":" becomes "-", to keep it a safe path).
+    backbone: the backbone's name.
+
+  Returns:
+    The name.
+  """
   return f"{method.replace(':', '-')}_{backbone}"
 
 
 def apply(config: ml_collections.ConfigDict, params: Mapping[str, Any]
           ) -> ml_collections.ConfigDict:
   """A copy of ``config`` with dotted-key overrides set.
+
+  Args:
+    config: the config (not modified).
+    params: dotted key -> value; a value for a float field is cast to float.
+
+  Returns:
+    The overridden deep copy.
 
   Raises:
     KeyError: naming a key the config lacks.
@@ -61,7 +77,16 @@ def apply(config: ml_collections.ConfigDict, params: Mapping[str, Any]
 
 def trial_config(config: ml_collections.ConfigDict, params: Mapping[str, Any],
                  seeds: int) -> ml_collections.ConfigDict:
-  """The config of one tuning trial: ``params`` on ``config``, validation only."""
+  """The config of one tuning trial: ``params`` on ``config``, validation only.
+
+  Args:
+    config: the run config.
+    params: the trial's overrides, dotted key -> value.
+    seeds: seeds per trial.
+
+  Returns:
+    A copy with the overrides, ``seeds`` set and ``eval.test`` False.
+  """
   c = apply(config, params)
   c.seeds = int(seeds)
   c.eval.test = False
@@ -181,6 +206,15 @@ def tune_and_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
 
 def read_chosen(workdir: str | os.PathLike, method: str, backbone: str) -> dict | None:
-  """The chosen.json of a tuned method, or None."""
+  """The chosen.json of a tuned method, or None.
+
+  Args:
+    workdir: the tuning folder.
+    method: the method's name.
+    backbone: the backbone's name.
+
+  Returns:
+    The chosen.json dict (``tune_method``), or None if it is not there.
+  """
   path = pathlib.Path(workdir) / run_name(method, backbone) / "chosen.json"
   return json.loads(path.read_text()) if path.exists() else None
