@@ -51,6 +51,16 @@ def parse_method(spec: str) -> tuple[str, str | None]:
 
 
 def run_dir(workdir: pathlib.Path, method: str, backbone: str) -> pathlib.Path:
+  """The folder of one grid cell: ``<workdir>/<method>_<backbone>``.
+
+  Args:
+    workdir: the grid's folder.
+    method: the method spec (a ``:source`` suffix becomes ``-source``).
+    backbone: the backbone's name.
+
+  Returns:
+    The run's folder (not created).
+  """
   return pathlib.Path(workdir) / f"{method.replace(':', '-')}_{backbone}"
 
 
@@ -59,6 +69,16 @@ def grid_config(config: ml_collections.ConfigDict, method: str, backbone: str,
   """A copy of ``config`` for one grid cell (only existing fields are set).
 
   ``method`` may carry a ``:source`` suffix (``parse_method``).
+
+  Args:
+    config: the dataset's config (not modified).
+    method: the method spec, e.g. "emerflow" or "emerflow:agent4rec".
+    backbone: the backbone's name.
+    seeds: seeds per run.
+    cache_dir: the backbone cache shared by the grid (``optim.cache_dir``).
+
+  Returns:
+    The cell's config.
   """
   c = copy.deepcopy(config)
   name, source = parse_method(method)
@@ -100,6 +120,17 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 def finished_run(path: pathlib.Path, config: ml_collections.ConfigDict
                  ) -> dict | None:
   """The stored results.json when it holds this config's seeds, else None.
+
+  Path fields and the sections of other method families are ignored when the
+  configs are compared, and so is ``seeds``.
+
+  Args:
+    path: the run's folder (``run_dir``).
+    config: the config the run is wanted with.
+
+  Returns:
+    The results.json dict if its seeds are ``config.seed`` ..
+    ``config.seed + config.seeds - 1``; None if there is none, or other seeds.
 
   Raises:
     ValueError: the folder holds a run of a different config.
@@ -215,7 +246,16 @@ def aggregate(grid: dict) -> dict:
 
 
 def beats_reference(rows: list[dict], reference: str = REFERENCE) -> list[dict]:
-  """Every (backbone, metric, phase) where another method's mean beats ``reference``."""
+  """Every (backbone, metric, phase) where another method's mean beats ``reference``.
+
+  Args:
+    rows: the "runs" rows of ``aggregate`` (with "auc" and "f1" stats).
+    reference: the method compared against.
+
+  Returns:
+    [{"backbone", "metric", "phase", "method", "mean", "reference"}], where
+    "mean" is the method's and "reference" the reference's mean.
+  """
   out = []
   for ref in (r for r in rows if r["method"] == reference):
     for r in rows:
@@ -231,7 +271,15 @@ def beats_reference(rows: list[dict], reference: str = REFERENCE) -> list[dict]:
 
 
 def beats_table(beats: list[dict], rows: list[dict]) -> str:
-  """Per backbone and metric, the methods whose mean beats the reference, by phase."""
+  """Per backbone and metric, the methods whose mean beats the reference, by phase.
+
+  Args:
+    beats: ``beats_reference``'s output.
+    rows: the "runs" rows of ``aggregate`` (for the backbones, in order).
+
+  Returns:
+    A Markdown table, or one sentence when nothing beats the reference.
+  """
   if not beats:
     return (f"Nowhere: {REFERENCE} has the best mean in every phase, metric and "
             "backbone.")
@@ -252,7 +300,16 @@ def _cell(s: dict, bold: bool) -> str:
 
 
 def table(rows: list[dict], metric: str) -> str:
-  """Markdown table: one row per (backbone, method), best per backbone in bold."""
+  """Markdown table: one row per (backbone, method), best per backbone in bold.
+
+  Args:
+    rows: the "runs" rows of ``aggregate``; rows without ``metric`` are left
+      out.
+    metric: "auc", "f1" or "val_auc".
+
+  Returns:
+    The table, without a trailing newline.
+  """
   rows = [r for r in rows if metric in r]
   lines = ["| backbone | method | " + " | ".join(PHASES) + " |",
            "|---|---|" + "---:|" * len(PHASES)]
@@ -267,7 +324,15 @@ def table(rows: list[dict], metric: str) -> str:
 
 
 def markdown(summary: dict, level: int = 1) -> str:
-  """comparison.md text (``level`` = heading depth of its title)."""
+  """comparison.md text (``level`` = heading depth of its title).
+
+  Args:
+    summary: the comparison.json dict (``aggregate``).
+    level: heading depth of the title; sections are one deeper.
+
+  Returns:
+    The Markdown text, ending in one newline.
+  """
   h = "#" * level
   rows = summary["runs"]
   n = sorted({len(r["seeds"]) for r in rows})
@@ -304,7 +369,12 @@ def markdown(summary: dict, level: int = 1) -> str:
 
 
 def plot(summary: dict, path: pathlib.Path) -> None:
-  """AUC by phase: one panel per backbone, one line (mean ± std band) per method."""
+  """AUC by phase: one panel per backbone, one line (mean ± std band) per method.
+
+  Args:
+    summary: the comparison.json dict (``aggregate``).
+    path: the PNG to write (written to a temporary file, then renamed).
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -342,7 +412,15 @@ def plot(summary: dict, path: pathlib.Path) -> None:
 
 
 def write_comparison(workdir: str | os.PathLike, grid: dict) -> dict:
-  """Writes comparison.json/.md/.png into workdir; returns the summary."""
+  """Writes comparison.json/.md/.png into workdir; returns the summary.
+
+  Args:
+    workdir: the grid's folder.
+    grid: ``run_grid``'s output.
+
+  Returns:
+    The comparison.json dict (``aggregate``).
+  """
   workdir = pathlib.Path(workdir).absolute()
   summary = aggregate(grid)
   results.write_json_atomic(workdir / "comparison.json", summary)
@@ -354,7 +432,16 @@ def write_comparison(workdir: str | os.PathLike, grid: dict) -> dict:
 
 
 def results_section(summary: dict, command: str, commit: str) -> str:
-  """One dataset's section of RESULTS.md: how it was made, then the tables."""
+  """One dataset's section of RESULTS.md: how it was made, then the tables.
+
+  Args:
+    summary: the comparison.json dict (``aggregate``).
+    command: the command line that produced it (quoted in the section).
+    commit: the code version running now.
+
+  Returns:
+    The Markdown section, its title a second-level heading.
+  """
   body = markdown(summary, level=2)
   head, rest = body.split("\n", 1)
   return "\n".join([head, "", f"Written by `{command}` at commit `{commit}` (each "
@@ -366,7 +453,16 @@ _HEADER = ("# Results\n\nGenerated by `python -m experiments.compare ... "
 
 
 def update_results_md(path: str | os.PathLike, dataset: str, section: str) -> None:
-  """Writes or replaces ``dataset``'s section of RESULTS.md, keeping the others."""
+  """Writes or replaces ``dataset``'s section of RESULTS.md, keeping the others.
+
+  The section sits between ``<!-- results:<dataset>:begin/end -->`` markers;
+  the file is created with a header if absent, and replaced atomically.
+
+  Args:
+    path: the RESULTS.md file.
+    dataset: the dataset's name (it names the markers).
+    section: the section's Markdown (``results_section``).
+  """
   path = pathlib.Path(path)
   begin, end = f"<!-- results:{dataset}:begin -->", f"<!-- results:{dataset}:end -->"
   block = f"{begin}\n{section.rstrip()}\n{end}"

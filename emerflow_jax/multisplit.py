@@ -89,7 +89,15 @@ def interval_rows(grid: dict, workdir: pathlib.Path, n_boot: int, level: float,
 
 
 def interval_table(rows: list[dict], level: float) -> str:
-  """Markdown: EmerFlow minus each baseline, per phase, bold when it excludes 0."""
+  """Markdown: EmerFlow minus each baseline, per phase, bold when it excludes 0.
+
+  Args:
+    rows: ``interval_rows``'s output; a row with "error" shows its start.
+    level: the intervals' coverage (for the caption).
+
+  Returns:
+    The caption and the table, without a trailing newline.
+  """
   lines = [f"EmerFlow minus each baseline, test AUC: mean paired difference over seeds "
            f"[{level:.0%} bootstrap interval over test items]; bold where the "
            "interval excludes zero.", "",
@@ -196,7 +204,18 @@ def run_splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
 def results_section(summary: dict, workdir: str | os.PathLike, command: str,
                     commit: str) -> str:
-  """RESULTS.md section of a multi-split comparison: the tally, then each split."""
+  """RESULTS.md section of a multi-split comparison: the tally, then each split.
+
+  Args:
+    summary: ``run_splits``'s summary.json dict.
+    workdir: the grid's folder (each split's comparison.md is read from it).
+    command: the command line that produced it (quoted in the section).
+    commit: the code version it was produced at.
+
+  Returns:
+    The Markdown section; its headings sit one level below the page title,
+    each split's tables two.
+  """
   workdir = pathlib.Path(workdir)
   head, rest = summary_markdown(summary).split("\n", 1)
   parts = ["#" + head, "", f"Written by `{command}` at commit `{commit}`.", rest]

@@ -67,7 +67,16 @@ def _check_pair(a: Preds, b: Preds, prefix: str) -> None:
 
 
 def resample_counts(rng: np.random.Generator, n_items: int, n_boot: int) -> np.ndarray:
-  """[n_boot, n_items] draw counts of item bootstraps (each row sums to n_items)."""
+  """[n_boot, n_items] draw counts of item bootstraps (each row sums to n_items).
+
+  Args:
+    rng: the generator to draw from.
+    n_items: items per resample (each drawn uniformly, with replacement).
+    n_boot: resamples.
+
+  Returns:
+    [n_boot, n_items] int counts: how often each item was drawn.
+  """
   return rng.multinomial(n_items, np.full(n_items, 1.0 / n_items), size=n_boot)
 
 
@@ -134,18 +143,41 @@ def paired_interval(a: Sequence[Preds], b: Sequence[Preds], n_boot: int = 1000,
 
 
 def outcome(lo: float, hi: float) -> str:
-  """"win" if the interval is above zero, "loss" if below, else "tie"."""
+  """"win" if the interval is above zero, "loss" if below, else "tie".
+
+  Args:
+    lo: the interval's lower end.
+    hi: its upper end.
+
+  Returns:
+    "win", "loss" or "tie".
+  """
   return "win" if lo > 0 else "loss" if hi < 0 else "tie"
 
 
 def format_diff(d: Mapping[str, float], digits: int = 4) -> str:
-  """``+0.0123 [+0.0040, +0.0210]``, bold only when the interval excludes zero."""
+  """``+0.0123 [+0.0040, +0.0210]``, bold only when the interval excludes zero.
+
+  Args:
+    d: a ``paired_interval`` entry ("diff", "lo", "hi").
+    digits: decimals shown.
+
+  Returns:
+    The Markdown cell text.
+  """
   text = f"{d['diff']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
   return f"**{text}**" if outcome(d["lo"], d["hi"]) != "tie" else text
 
 
 def load_predictions(run_dir: str | os.PathLike, seeds: Sequence[int]) -> list[dict]:
   """``<run_dir>/seed_<s>/predictions.npz`` for each seed.
+
+  Args:
+    run_dir: a run's folder (``train.train_and_evaluate``'s workdir).
+    seeds: the seeds to read, in the order wanted.
+
+  Returns:
+    One array dict per seed, in the order of ``seeds``.
 
   Raises:
     FileNotFoundError: naming the missing file.
