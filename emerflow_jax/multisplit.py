@@ -213,8 +213,8 @@ def results_section(summary: dict, workdir: str | os.PathLike, command: str,
     commit: the code version it was produced at.
 
   Returns:
-    The Markdown section; its headings sit one level below the page title,
-    each split's tables two.
+    The Markdown section: a second-level title, then a third-level heading
+    per split over that split's comparison.md.
   """
   workdir = pathlib.Path(workdir)
   head, rest = summary_markdown(summary).split("\n", 1)
