@@ -131,6 +131,16 @@ def encode_sequences(seqs: Sequence[Sequence[Any]], max_len: int,
 
   Tokens seen fewer than ``min_count`` times map to 0 (dropped) so rare words do
   not become one-off embeddings.
+
+  Args:
+    seqs: n token lists (any hashable tokens).
+    max_len: width of the output; longer lists are cut after their first
+      ``max_len`` kept tokens.
+    min_count: fewest occurrences (over all lists) for a token to be kept.
+
+  Returns:
+    codes: [n, max_len] int32, kept tokens coded 1..V in sorted order, 0
+    padding; vocab: token -> code.
   """
   counts: dict[Any, int] = {}
   for s in seqs:
@@ -154,7 +164,15 @@ def tokenize(text: str) -> list[str]:
 
 
 def bucketize(values: np.ndarray, n_buckets: int) -> np.ndarray:
-  """Quantile buckets 1..n_buckets for a float array; NaN -> 0 (unknown)."""
+  """Quantile buckets 1..n_buckets for a float array; NaN -> 0 (unknown).
+
+  Args:
+    values: a float array of any shape; non-finite entries are unknown.
+    n_buckets: the number of quantile buckets (fewer when quantiles tie).
+
+  Returns:
+    int32 codes of ``values``'s shape: 1..n_buckets, 0 where not finite.
+  """
   values = np.asarray(values, np.float64)
   out = np.zeros(values.shape, np.int32)
   ok = np.isfinite(values)

@@ -163,7 +163,17 @@ def load_movielens100k(folder: pathlib.Path, download: bool = True) -> dataset.D
 
 
 def load_movielens1m(folder: pathlib.Path, download: bool = True) -> dataset.Dataset:
-  """Reads ratings.dat / movies.dat / users.dat ('::'-separated, latin-1)."""
+  """Reads ratings.dat / movies.dat / users.dat ('::'-separated, latin-1).
+
+  Args:
+    folder: directory holding the ml-1m files (downloaded there if missing
+      and ``download``).
+    download: whether to try GroupLens when files are missing.
+
+  Returns:
+    The validated Dataset (6,040 users, 3,883 items of which 3,706 are rated,
+    1,000,209 rows).
+  """
   folder = pathlib.Path(folder)
   _ensure(folder, ["ratings.dat", "movies.dat", "users.dat"], ML1M_URL, ML1M_MD5,
           download)

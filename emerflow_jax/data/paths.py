@@ -33,7 +33,13 @@ def resolve_data_dir(config_dir: str | None = None) -> pathlib.Path:
 
 
 def require_files(folder: pathlib.Path, names: list[str], hint: str = "") -> None:
-  """Raises DataError listing every missing file in ``folder``."""
+  """Raises DataError listing every missing file in ``folder``.
+
+  Args:
+    folder: the folder the files must be in.
+    names: the file names expected there.
+    hint: appended to the error message (how to get the files).
+  """
   missing = [n for n in names if not (folder / n).is_file()]
   if missing:
     raise dataset.DataError(
@@ -50,6 +56,13 @@ def download_zip(url: str, md5: str, folder: pathlib.Path, members: list[str],
 
   Fails fast (never hangs): a connection error or a wrong checksum raises
   DataError naming the folder and the files that are expected there.
+
+  Args:
+    url: the zip's URL.
+    md5: its expected md5 hex digest.
+    folder: where the members go (created if missing).
+    members: file names to extract, matched by base name anywhere in the zip.
+    timeout_s: connection and read timeout, in seconds.
   """
   hint = (f"Put {', '.join(members)} into {folder} (from {url}), or set "
           f"--config.data.dir / ${ENV_VAR}.")
