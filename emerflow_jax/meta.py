@@ -349,25 +349,53 @@ def sampled_pairwise_auc_loss(logits: jnp.ndarray, labels: jnp.ndarray,
   Returns:
     scalar estimate (0 when there is no pair).
   """
-  s, y, m = logits.reshape(-1), labels.reshape(-1), mask.reshape(-1)
-  pos, neg = y * m, (1.0 - y) * m
-  n_pos, n_neg = pos.sum(), neg.sum()
-  u = jax.random.uniform(key, (s.shape[0], pairs))
+  return paired_auc_loss(logits, labels, mask,
+                         draw_auc_pairs(labels, mask, key, pairs))
 
-  def draw(weights, total):
+
+def draw_auc_pairs(labels: jnp.ndarray, mask: jnp.ndarray, key: jax.Array,
+                   pairs: int) -> jnp.ndarray:
+  """Partners of ``sampled_pairwise_auc_loss``: [n, pairs] row indices.
+
+  Row i draws ``pairs`` rows of the other class, uniformly with replacement
+  among the masked-in rows (a row with no partner class draws a masked row,
+  which ``paired_auc_loss`` weighs 0).  Depends on labels and mask only.
+  """
+  y, m = labels.reshape(-1), mask.reshape(-1)
+  pos, neg = y * m, (1.0 - y) * m
+  n = y.shape[0]
+  u = jax.random.uniform(key, (n, pairs))
+
+  def draw(weights):
     # One stable sort puts the class's rows first; a uniform position among
-    # the first ``total`` picks one of them (weight-0 rows are never drawn).
+    # the first ``count`` picks one of them (weight-0 rows are never drawn).
     members = jnp.argsort(-weights, stable=True)
-    at = jnp.minimum(jnp.floor(u * total).astype(jnp.int32), s.shape[0] - 1)
+    at = jnp.minimum(jnp.floor(u * weights.sum()).astype(jnp.int32), n - 1)
     return members[at]
 
+  return jnp.where((pos > 0)[:, None], draw(neg), draw(pos)).astype(jnp.int32)
+
+
+def paired_auc_loss(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray,
+                    partner: jnp.ndarray) -> jnp.ndarray:
+  """The pairwise logistic loss over given pairs (``draw_auc_pairs``).
+
+  Args:
+    logits, labels, mask: any shape, same for all three (flattened to [n]).
+    partner: [n, m] partner of each row.
+
+  Returns:
+    0.5 * (mean over positives of their partners' mean softplus(s_j - s_i)
+    + the same over negatives): the exact pooled loss in expectation.
+  """
+  s, y, m = logits.reshape(-1), labels.reshape(-1), mask.reshape(-1)
+  pos, neg = y * m, (1.0 - y) * m
   is_pos = (pos > 0)[:, None]
-  partner = jnp.where(is_pos, draw(neg, n_neg), draw(pos, n_pos))  # [n, pairs]
   s_pos = jnp.where(is_pos, s[:, None], s[partner])
   s_neg = jnp.where(is_pos, s[partner], s[:, None])
-  w = (pos[:, None] * neg[partner] / jnp.maximum(n_pos, 1.0)
-       + neg[:, None] * pos[partner] / jnp.maximum(n_neg, 1.0))
-  return 0.5 * (w * jax.nn.softplus(s_neg - s_pos)).sum() / pairs
+  w = (pos[:, None] * neg[partner] / jnp.maximum(pos.sum(), 1.0)
+       + neg[:, None] * pos[partner] / jnp.maximum(neg.sum(), 1.0))
+  return 0.5 * (w * jax.nn.softplus(s_neg - s_pos)).sum() / partner.shape[1]
 
 
 def batch_loss(meta_params: dict[str, Any], model: backbones.Backbone,
