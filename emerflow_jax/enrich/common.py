@@ -64,6 +64,15 @@ def serialize(raw: Mapping[str, str], generated: Mapping[str, str]) -> str:
   same name (the raw fact wins over the model's guess).
 
   Example: ``title: Toy Story; year: 1995; genres: Comedy; mood: playful``.
+
+  Args:
+    raw: the item's raw features F_i, name -> value.
+    generated: the LLM's features, name -> value; a name that normalizes like
+      a raw one is skipped.
+
+  Returns:
+    The pairs joined by ``PAIR_SEP``, values cleaned by ``clean_value`` and
+    "_" in names shown as spaces.
   """
   pairs: list[str] = []
   seen: set[str] = set()
@@ -144,8 +153,18 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def model_fingerprint(folder: pathlib.Path, gguf_file: str | None) -> str:
-  """sha256 of the weights: the GGUF or single weights file, else the sha256
-  of the sorted per-file sha256s of the directory's safetensors/bin shards."""
+  """sha256 of a model's weights, comparable to published checksums.
+
+  Args:
+    folder: the model's folder.
+    gguf_file: the GGUF file name inside it, or None for a Hugging Face
+      directory.
+
+  Returns:
+    The hex sha256 of the GGUF or single weights file; for sharded weights,
+    the sha256 of the sorted per-file sha256s of the directory's
+    safetensors (else bin) shards.
+  """
   if gguf_file:
     return file_sha256(folder / gguf_file)
   weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))

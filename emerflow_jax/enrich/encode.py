@@ -85,7 +85,19 @@ class Encoder:
 
 def load_encoder(spec: str | EncoderSpec | None = None,
                  threads: int | None = None) -> Encoder:
-  """Loads an encoder offline (see ``resolve_encoder`` for ``spec``)."""
+  """Loads an encoder offline (see ``resolve_encoder`` for ``spec``).
+
+  Args:
+    spec: an encoder spec string, an already resolved ``EncoderSpec``, or
+      None for the default (MiniLM).
+    threads: torch intra-op threads (None keeps torch's default).
+
+  Returns:
+    The Encoder, model in eval mode and tokenizer padding on the right.
+
+  Raises:
+    common.ModelNotFoundError: the path or package does not exist.
+  """
   if not isinstance(spec, EncoderSpec):
     spec = resolve_encoder(spec)
   common.set_threads(threads)

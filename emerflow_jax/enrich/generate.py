@@ -85,6 +85,14 @@ def load_lm(spec: str | None = None, threads: int | None = None,
     threads: torch intra-op threads; 1 leaves the other cores to other work.
     device: torch device ("cpu", "cuda"); weights stay float32 either way, so
       greedy texts differ between devices only through kernel rounding.
+
+  Returns:
+    The LocalLM (tokenizer padding on the left; ``model_id`` is the SmolLM2
+    id when the weights match the pinned checksum, else the file name).
+
+  Raises:
+    common.ModelNotFoundError: the model is missing or its tokenizer has no
+      chat template.
   """
   folder, gguf_file = resolve_model_path(spec)
   common.set_threads(threads)
@@ -119,7 +127,15 @@ class Completion:
 
 
 def render_chat(lm: LocalLM, messages: Sequence[dict[str, str]]) -> str:
-  """The prompt string of ``messages`` under the model's chat template."""
+  """The prompt string of ``messages`` under the model's chat template.
+
+  Args:
+    lm: the loaded model.
+    messages: chat messages, each {"role", "content"}.
+
+  Returns:
+    The prompt text, ending with the assistant turn's opening.
+  """
   return lm.tokenizer.apply_chat_template(
       list(messages), add_generation_prompt=True, tokenize=False)
 
@@ -136,6 +152,8 @@ def generate_batch(lm: LocalLM, conversations: Sequence[Sequence[dict[str, str]]
     lm: the loaded model.
     conversations: [B] chat message lists.
     max_new_tokens: cap on new tokens per answer.
+    do_sample: sample instead of greedy decoding.
+    seed: torch's global seed before sampling (unused when greedy).
 
   Returns:
     [B] completions, special tokens removed.

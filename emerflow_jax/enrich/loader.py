@@ -52,7 +52,16 @@ def default_cache_dir() -> pathlib.Path:
 
 def precomputed_paths(dataset_name: str, llm_name: str = DEFAULT_LLM_NAME
                       ) -> tuple[pathlib.Path, pathlib.Path]:
-  """(texts .jsonl.gz, manifest .json) of a committed precomputed set."""
+  """(texts .jsonl.gz, manifest .json) of a committed precomputed set.
+
+  Args:
+    dataset_name: the dataset's name, e.g. "movielens1m".
+    llm_name: the LLM's short name in the file names.
+
+  Returns:
+    (``<dataset>-<llm>.jsonl.gz``, ``<dataset>-<llm>.json``) under
+    ``PRECOMPUTED_DIR``; they may not exist.
+  """
   stem = f"{dataset_name}-{llm_name}"
   return PRECOMPUTED_DIR / f"{stem}.jsonl.gz", PRECOMPUTED_DIR / f"{stem}.json"
 
@@ -60,6 +69,14 @@ def precomputed_paths(dataset_name: str, llm_name: str = DEFAULT_LLM_NAME
 def read_precomputed(dataset_name: str, llm_name: str = DEFAULT_LLM_NAME
                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """Reads committed LLM texts and their manifest.
+
+  Args:
+    dataset_name: the dataset's name.
+    llm_name: the LLM's short name in the file names.
+
+  Returns:
+    (records in file order, each with a unique "key", the manifest or {} if
+    its file is missing).
 
   Raises:
     store.StoreError: nothing is committed for this dataset, or a line is bad.
@@ -93,8 +110,16 @@ def source_records(ds: dataset.Dataset, source: str,
                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """Text records and manifest fields of a non-generating source.
 
+  Args:
+    ds: the dataset.
+    source: "llm" (committed texts), "agent4rec", "galkars" or "raw".
+    data_dir: data directory for the importers (None: DESIGN §1 rule).
+
   Returns:
     (records with "key" and "text", fields for the store manifest).
+
+  Raises:
+    dataset.DataError: an unknown source.
   """
   if source == "llm":
     records, meta = read_precomputed(ds.name)
@@ -125,6 +150,21 @@ def build_store(data_config: Any, source: str, out: str, encoder: str | None,
   ``llm``; other sources write their texts at once. Then all items are
   encoded unless ``encode_vectors`` is False.
 
+  Args:
+    data_config: the ``data`` config section (``data.load_dataset``).
+    source: "llm", "agent4rec", "galkars" or "raw".
+    out: the store directory.
+    encoder: encoder spec for ``encode.resolve_encoder`` (None: MiniLM).
+    llm: model spec for "llm" (``generate.resolve_model_path``).
+    limit: generate at most this many new items (None: all).
+    threads: torch threads for generation and encoding.
+    batch_size: answers per ``generate`` call.
+    max_new_tokens: cap per answer.
+    encode_vectors: encode the texts into vectors after writing them.
+    export_texts: if set, also write the texts in the committed compact form
+      to this ``.jsonl.gz`` path (``pipeline.export_texts``).
+    device: torch device for the LLM.
+
   Returns:
     The store manifest.
   """
@@ -149,6 +189,15 @@ def build_store(data_config: Any, source: str, out: str, encoder: str | None,
 
 
 def texts_digest(items: list[pipeline.Item], texts: list[str]) -> str:
+  """sha256 over (key, text) pairs in item order: it names a store's texts.
+
+  Args:
+    items: (key, raw features) per item.
+    texts: [n] texts s_i, in the order of ``items``.
+
+  Returns:
+    The hex digest.
+  """
   h = hashlib.sha256()
   for (key, _), text in zip(items, texts):
     h.update(f"{key}\t{text}\n".encode("utf-8"))

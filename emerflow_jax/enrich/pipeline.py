@@ -141,7 +141,13 @@ def generate_texts(items: Sequence[Item], item_type: str,
 
 def write_texts(store_dir: str | pathlib.Path, records: Sequence[dict[str, Any]],
                 manifest: dict[str, Any]) -> None:
-  """Replaces a store's texts and manifest with ``records`` (imports, raw)."""
+  """Replaces a store's texts and manifest with ``records`` (imports, raw).
+
+  Args:
+    store_dir: the store directory (created if missing).
+    records: text records, each with "key" and "text".
+    manifest: manifest fields; "n_texts" and "created" are added.
+  """
   store_dir = pathlib.Path(store_dir)
   lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
                   for r in records)
@@ -153,6 +159,11 @@ def write_texts(store_dir: str | pathlib.Path, records: Sequence[dict[str, Any]]
 def item_texts(records: Sequence[dict[str, Any]],
                items: Sequence[Item]) -> tuple[list[str], int]:
   """Texts s_i for ``items`` from records; raw serialization where none exists.
+
+  Args:
+    records: text records with "key" and "text" (extra or unknown keys are
+      ignored).
+    items: (key, raw features) per item, in the order wanted.
 
   Returns:
     ([n] texts in item order, number of items that fell back to raw).
@@ -172,6 +183,14 @@ def encode_store(store_dir: str | pathlib.Path, items: Sequence[Item],
                  records: Sequence[dict[str, Any]] | None = None,
                  log: Callable[[str], None] = logging.info) -> dict[str, Any]:
   """Encodes the store's texts (or ``records``) for ``items`` into vectors.
+
+  Args:
+    store_dir: the store directory.
+    items: (key, raw features) per item; the vectors follow this order.
+    encoder: encoder spec for ``encode.load_encoder`` (None: MiniLM).
+    threads: torch threads.
+    records: text records to encode instead of the store's texts.jsonl.
+    log: progress sink.
 
   Returns:
     The updated manifest (encoder, dim, item count, n_fallback_raw).
@@ -200,6 +219,16 @@ def reparse(records: Sequence[dict[str, Any]], items: Sequence[Item],
 
   Used when the parser changes (``prompts.PARSER_VERSION``): generation is the
   expensive step, parsing is not.
+
+  Args:
+    records: stored records; those without "answer" or of unknown items are
+      copied unchanged.
+    items: (key, raw features) per item.
+    item_type: "movie", "disease", "drug", ...
+    features: the store's type-level feature names.
+
+  Returns:
+    New records, in the order of ``records``.
   """
   raw_of = dict(items)
   out = []
@@ -221,6 +250,12 @@ def export_texts(store_dir: str | pathlib.Path, out: str | pathlib.Path,
   with the current parser when ``items`` are given; ``<stem>.json`` beside it
   holds the manifest. The gzip header carries no name or time, so the same
   texts always give the same bytes.
+
+  Args:
+    store_dir: the store to read.
+    out: the ``.jsonl.gz`` file to write.
+    items: (key, raw features) per item, to re-parse an LLM store's answers
+      (None: records as stored).
 
   Returns:
     The number of records.

@@ -86,7 +86,16 @@ _ITEM_EXAMPLES = {
 
 
 def type_prompt(item_type: str, n: int = N_FEATURES) -> list[dict[str, str]]:
-  """Chat messages asking which extra features matter for ``item_type``."""
+  """Chat messages asking which extra features matter for ``item_type``.
+
+  Args:
+    item_type: "movie", "disease", "drug", ...
+    n: how many feature names to ask for.
+
+  Returns:
+    Chat messages: system, one worked example (question and answer), then the
+    question for ``item_type``.
+  """
   def ask(t: str) -> str:
     return (f"Which extra features, beyond the basic ones, matter most when "
             f"recommending a {t}? Answer with {n} short feature names, one per "
@@ -148,6 +157,12 @@ def parse_feature_names(answer: str, item_type: str = "",
   or a near-repeat of an earlier name (a shared word or a common prefix: small
   models answer "plot, plot style, plot theme").
 
+  Args:
+    answer: the model's answer to ``type_prompt``.
+    item_type: the item type, whose word (and plural) is removed from names.
+    reserved: raw field names the model may not propose.
+    max_words: longest name kept, in words.
+
   Returns:
     Names in the order the model gave them, lower-case.
   """
@@ -181,8 +196,15 @@ def choose_features(answer: str, item_type: str, reserved: Sequence[str] = (),
   is mostly repetition, and the defaults are what the worked item example
   shows values for, which keeps the item-level answers in format.
 
+  Args:
+    answer: the model's answer to ``type_prompt``.
+    item_type: the item type (its default list fills up the rest).
+    reserved: raw field names the model may not propose.
+    n: the list's target length.
+
   Returns:
-    (features [n], how many of them came from the model).
+    (features, at most n and fewer only when the defaults run out, how many of
+    them came from the model).
   """
   names = parse_feature_names(answer, item_type, reserved)[:n // 2]
   from_model = len(names)
@@ -211,7 +233,16 @@ def _tokens(text: str) -> set[str]:
 
 
 def is_near_copy(value: str, example: str) -> bool:
-  """Whether ``value`` mostly repeats ``example`` (token Jaccard >= 0.5)."""
+  """Whether ``value`` mostly repeats ``example`` (token Jaccard >= 0.5).
+
+  Args:
+    value: a parsed feature value.
+    example: the worked example's value for the same feature.
+
+  Returns:
+    True when the two share at least half of their lower-case word tokens;
+    False when either has none.
+  """
   a, b = _tokens(value), _tokens(example)
   return bool(a and b) and len(a & b) >= 0.5 * len(a | b)
 
@@ -227,6 +258,16 @@ def parse_feature_values(answer: str, features: Sequence[str],
   ``features``. With ``item_type``, a value that nearly repeats the worked
   example's value for the same feature is dropped: a small model copies the
   example, and a copy says nothing about this item.
+
+  Args:
+    answer: the model's answer to ``item_prompt``.
+    features: the feature names asked for.
+    item_type: the item type, to drop copies of its worked example (None:
+      keep them).
+
+  Returns:
+    feature -> cleaned value, in the order of ``features``; features without
+    a usable value are absent.
   """
   if not features:
     return {}

@@ -61,6 +61,14 @@ def title_keys(title: str, loose: bool = False) -> set[str]:
   the parts around ": " and " - " ("Star Wars: Episode V - The Empire Strikes
   Back" also gives "star wars" and "the empire strikes back") and the form
   without spaces ("Alien³" vs "Alien 3").
+
+  Args:
+    title: a movie title without its year.
+    loose: add the part and space-free forms too.
+
+  Returns:
+    The keys: accent-folded, lower-case words joined by single spaces (and,
+    with ``loose``, also without spaces).
   """
   title = _fold(title)
   main = title.split(" (", 1)[0]
@@ -146,9 +154,20 @@ def match_ml1m(ds: dataset.Dataset, ml1m: dict[str, tuple[str, str]]
                ) -> tuple[dict[str, str], dict[str, int]]:
   """Maps the dataset's item keys to ML-1M movie ids.
 
+  ML-1M itself matches by id; another movie dataset by title and year, in
+  passes (exact title, loose title, year +-1) where the first with exactly
+  one candidate decides.
+
+  Args:
+    ds: the dataset (movie items with "title" and "year" raw features).
+    ml1m: ML-1M movie id -> (title, year), from ``read_ml1m_movies``.
+
   Returns:
     (item key -> ML-1M id, counts {"items", "exact", "loose", "year_pm1",
     "ambiguous", "unmatched"}).
+
+  Raises:
+    dataset.DataError: the dataset's items are not movies.
   """
   keys = [str(k) for k in ds.item_keys.tolist()]
   if ds.name == "movielens1m":

@@ -54,7 +54,12 @@ def _fsync_dir(folder: pathlib.Path) -> None:
 
 
 def write_atomic(path: pathlib.Path, data: bytes) -> None:
-  """Writes ``data`` to ``path`` via a fsync'd temporary file and a rename."""
+  """Writes ``data`` to ``path`` via a fsync'd temporary file and a rename.
+
+  Args:
+    path: the file to write; its folder is created if missing.
+    data: the file's bytes.
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   # A per-process temporary name: two runs filling the same cache store at
@@ -81,13 +86,25 @@ def read_manifest(store_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def write_manifest(store_dir: str | os.PathLike[str],
                    manifest: dict[str, Any]) -> None:
+  """Writes ``manifest`` as the store's manifest.json, atomically.
+
+  Args:
+    store_dir: the store directory (created if missing).
+    manifest: the manifest, JSON-serialisable; keys are written sorted.
+  """
   write_atomic(pathlib.Path(store_dir, MANIFEST),
                (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
 def check_manifest(store_dir: str | os.PathLike[str], manifest: dict[str, Any],
                    expected: dict[str, Any]) -> None:
-  """Raises StoreError when a manifest field differs from ``expected``."""
+  """Raises StoreError when a manifest field differs from ``expected``.
+
+  Args:
+    store_dir: the store directory (named in the error).
+    manifest: the store's manifest.
+    expected: field -> required value; a missing field counts as None.
+  """
   for field, want in expected.items():
     got = manifest.get(field)
     if got != want:
@@ -99,6 +116,10 @@ def check_manifest(store_dir: str | os.PathLike[str], manifest: dict[str, Any],
 def append_records(path: str | os.PathLike[str],
                    records: Iterable[dict[str, Any]]) -> int:
   """Appends records as JSON lines, each flushed and fsync'd before the next.
+
+  Args:
+    path: the JSON-lines file (created if missing).
+    records: the records, each written with sorted keys on one line.
 
   Returns:
     The number of records written.
@@ -121,6 +142,10 @@ def read_records(path: str | os.PathLike[str], repair: bool = False
   dropped, and with ``repair`` the file is truncated to its last full line so
   the next append starts clean. Any other bad line, a record without "key", or
   a key seen twice raises StoreError naming the file, line and item.
+
+  Args:
+    path: the JSON-lines file.
+    repair: truncate a torn last line from the file, not only skip it.
 
   Returns:
     The records in file order ([] when the file does not exist).
@@ -156,7 +181,13 @@ def read_records(path: str | os.PathLike[str], repair: bool = False
 
 def write_vectors(store_dir: str | os.PathLike[str], keys: Sequence[str],
                   vectors: np.ndarray) -> None:
-  """Writes vectors.npy and item_keys.npy (validated first, then atomically)."""
+  """Writes vectors.npy and item_keys.npy (validated first, then atomically).
+
+  Args:
+    store_dir: the store directory (must exist).
+    keys: [n] item keys; row i of ``vectors`` belongs to keys[i].
+    vectors: [n, D] vectors, stored as float32.
+  """
   store_dir = pathlib.Path(store_dir)
   vectors = np.asarray(vectors, np.float32)
   keys_arr = np.asarray([str(k) for k in keys])
@@ -173,7 +204,14 @@ def write_vectors(store_dir: str | os.PathLike[str], keys: Sequence[str],
 
 def validate_vectors(store_dir: pathlib.Path, keys: np.ndarray,
                      vectors: np.ndarray, dim: int | None = None) -> None:
-  """Raises StoreError on shape, duplicate-key or NaN/inf problems."""
+  """Raises StoreError on shape, duplicate-key or NaN/inf problems.
+
+  Args:
+    store_dir: the store directory (named in the error).
+    keys: [n] item keys.
+    vectors: [n, D] vectors.
+    dim: when given, the required D.
+  """
   if vectors.ndim != 2 or vectors.shape[0] != len(keys):
     raise StoreError(f"store {store_dir}: vectors have shape {vectors.shape} for "
                      f"{len(keys)} item keys")
