@@ -71,8 +71,12 @@ def make_backbone(kind: str, ds: dataset_lib.Dataset, dim: int = 16,
                   mlp: Sequence[int] = (16, 16), cross_layers: int = 2) -> Backbone:
   """Builds the backbone for a dataset's fields (user fields first, then item)."""
   keys = [f"user/{f}" for f in ds.user_fields] + [f"item/{f}" for f in ds.item_fields]
-  return Backbone(kind=kind, vocab_sizes=tuple((k, ds.vocab_sizes[k]) for k in keys),
-                  dim=dim, mlp=tuple(mlp), cross_layers=cross_layers)
+  vocab = tuple((k, ds.vocab_sizes[k]) for k in keys)
+  if kind == "emerg_gnn":  # EmerG's GNN (models/emerg_gnn.py); mlp/cross unused
+    from emerflow_jax.models import emerg_gnn  # pylint: disable=g-import-not-at-top
+    return emerg_gnn.make(vocab, dim)
+  return Backbone(kind=kind, vocab_sizes=vocab, dim=dim, mlp=tuple(mlp),
+                  cross_layers=cross_layers)
 
 
 def make_tables(ds: dataset_lib.Dataset) -> Tables:
