@@ -265,6 +265,7 @@ REGISTRY = {
     "metaemb": "emerflow_jax.baselines.metaemb:MetaEmb",
     "mwuf": "emerflow_jax.baselines.mwuf:MWUF",
     "cvar": "emerflow_jax.baselines.cvar:CVAR",
+    "emerg": "emerflow_jax.baselines.emerg:EmerG",
     "emerflow": "emerflow_jax.emerflow:EmerFlow",
     "emerflow_no_llm": "emerflow_jax.emerflow:EmerFlowNoLLM",
     "emerflow_no_align": "emerflow_jax.emerflow:EmerFlowNoAlign",

@@ -143,6 +143,29 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.cvar.noise = 1e-4             # scale of the latent sample noise (1e-4 as in CVAR)
   c.cvar.own_id = True            # CVAE's own trainable item-ID input table (zeros for new items)
   c.cvar.keep = 0.8               # after a phase: keep * fine-tuned + (1-keep) * decoded (CVAR code 0; ML-100K val)
+
+  c.emerg = ml_collections.ConfigDict()  # EmerG (needs backbone=emerg_gnn); defaults: its ML-1M settings
+  c.emerg.epochs = 11             # meta-training epochs over old-item tasks (melu_epochs)
+  c.emerg.lr = 1e-3               # hypernetwork Adam learning rate (meta_lr)
+  c.emerg.inner_lr = 1e-2         # inner SGD step on (ID embedding, graphs) (lr_inner)
+  c.emerg.beta = 0.1              # loss = beta * L(support) + (1 - beta) * L(query)
+  c.emerg.first_order = False     # stop the gradient at the inner step (the reference's .data update)
+  c.emerg.batch_tasks = 32        # old-item tasks per meta step
+  c.emerg.support_rows = k        # padded support width (K mimics a warm phase)
+  c.emerg.query_rows = 2 * k      # padded query width
+  c.emerg.warm_lr = 1e-2          # per-phase Adam on ID embedding + graphs (warm_lr)
+  c.emerg.warm_steps = 12         # Adam steps per phase (epoch + 1 with epoch = 11)
+  c.emerg.weight_decay = 2.9e-7   # L2 of the per-phase Adam (its weight_decay)
+
+  c.gme = ml_collections.ConfigDict()  # GME-A (graph meta embeddings)
+  c.gme.neighbours = 10           # old items sharing attributes with the item, most shared first
+  c.gme.epochs = 10               # meta-training epochs of the generator
+  c.gme.lr = 1e-3                 # generator Adam learning rate
+  c.gme.inner_lr = 1e-3           # the one inner step's learning rate
+  c.gme.alpha = 0.1               # loss = alpha * L_a + (1 - alpha) * L_b (as MetaEmb)
+  c.gme.batch_tasks = 64          # old-item tasks per meta step
+  c.gme.support_rows = k          # padded width of batch a
+  c.gme.query_rows = 2 * k        # padded width of batch b
   return c
 
 
@@ -157,4 +180,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.metaemb.epochs = 1
   c.mwuf.epochs = 1
   c.cvar.epochs = 1
+  c.emerg.epochs = 1
+  c.emerg.warm_steps = 2
+  c.gme.epochs = 1
   return c
