@@ -266,6 +266,7 @@ REGISTRY = {
     "mwuf": "emerflow_jax.baselines.mwuf:MWUF",
     "cvar": "emerflow_jax.baselines.cvar:CVAR",
     "emerg": "emerflow_jax.baselines.emerg:EmerG",
+    "gme": "emerflow_jax.baselines.gme:GME",
     "emerflow": "emerflow_jax.emerflow:EmerFlow",
     "emerflow_no_llm": "emerflow_jax.emerflow:EmerFlowNoLLM",
     "emerflow_no_align": "emerflow_jax.emerflow:EmerFlowNoAlign",

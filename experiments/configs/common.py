@@ -159,6 +159,7 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
 
   c.gme = ml_collections.ConfigDict()  # GME-A (graph meta embeddings)
   c.gme.neighbours = 10           # old items sharing attributes with the item, most shared first
+  c.gme.hidden = 16               # generator hidden width (Linear-ReLU-Linear)
   c.gme.epochs = 10               # meta-training epochs of the generator
   c.gme.lr = 1e-3                 # generator Adam learning rate
   c.gme.inner_lr = 1e-3           # the one inner step's learning rate
