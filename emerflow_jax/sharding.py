@@ -10,15 +10,17 @@ sharding is the task/item axis.  Everything else is replicated::
 
 The same code runs on one device (a trivial mesh), on N CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``), on a GPU, and on
-several hosts after ``jax.distributed.initialize()``: there ``jax.devices()``
-lists every host's devices, every process builds the same global batch from
-the same seed, and ``jax.make_array_from_callback`` keeps only the shards of
-its own devices (docs/scaling.md).
+several hosts after ``jax.distributed.initialize()``
+(``maybe_initialize_distributed``, which the binaries call): there
+``jax.devices()`` lists every host's devices, every process builds the same
+global batch from the same seed, and ``jax.make_array_from_callback`` keeps
+only the shards of its own devices (docs/scaling.md).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -26,6 +28,62 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 TASK_AXIS = "tasks"
+
+
+# The coordinator settings, as environment variables (docs/scaling.md).
+ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
+ENV_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+def maybe_initialize_distributed(env: Mapping[str, str] | None = None,
+                                 timeout_s: int = 300) -> bool:
+  """Joins this process to a multi-process JAX system when asked to.
+
+  Every process of the system runs the same command with the same config and
+  ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0),
+  ``JAX_NUM_PROCESSES`` and its own ``JAX_PROCESS_ID`` (0 ... N-1) in its
+  environment.  None of them set: a single process, nothing to do.  Call it
+  first in a binary's ``main``, before anything touches a JAX device.
+
+  Args:
+    env: the settings (default: ``os.environ``).
+    timeout_s: how long to wait for every process to join.
+
+  Returns:
+    True when this process is now part of a multi-process system.
+
+  Raises:
+    ValueError: some settings but not all are given, or they are malformed.
+  """
+  env = os.environ if env is None else env
+  names = (ENV_ADDRESS, ENV_PROCESSES, ENV_PROCESS_ID)
+  given = {k: env.get(k, "") for k in names}
+  if not any(given.values()):
+    return False
+  missing = [k for k, v in given.items() if not v]
+  if missing:
+    raise ValueError(f"multi-process JAX needs {', '.join(names)}; missing "
+                     f"{', '.join(missing)}")
+  try:
+    n, i = int(given[ENV_PROCESSES]), int(given[ENV_PROCESS_ID])
+  except ValueError as e:
+    raise ValueError(f"{ENV_PROCESSES} and {ENV_PROCESS_ID} must be integers: "
+                     f"{given}") from e
+  if not 0 <= i < n:
+    raise ValueError(f"{ENV_PROCESS_ID}={i} is not in [0, {ENV_PROCESSES}={n})")
+  if n == 1:
+    return False
+  if not jax.distributed.is_initialized():
+    jax.distributed.initialize(coordinator_address=given[ENV_ADDRESS],
+                               num_processes=n, process_id=i,
+                               initialization_timeout=int(timeout_s))
+  return True
+
+
+def is_main_process() -> bool:
+  """True on process 0, the one that writes files no collective write covers."""
+  return jax.process_index() == 0
 
 
 def task_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -61,7 +119,7 @@ def pad_leading(tree: Any, multiple: int) -> Any:
   warm-up item has mask 0, so its (zero) embedding never moves.
   """
   def pad(x):
-    x = np.asarray(x)
+    x = np.asarray(gather(x))
     n = x.shape[0]
     extra = -(-n // multiple) * multiple - n
     if not extra:
@@ -70,9 +128,15 @@ def pad_leading(tree: Any, multiple: int) -> Any:
   return jax.tree.map(pad, tree)
 
 
-def _global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def _global_array(x: Any, sharding: NamedSharding) -> jax.Array:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    # Already global (it spans hosts): reshard on the devices, never via host.
+    if x.sharding == sharding:
+      return x
+    return jax.jit(lambda a: a, out_shardings=sharding)(x)
   # Every process holds the same global array; each keeps its own shards.
   # Unlike device_put, this is also correct when the mesh spans several hosts.
+  x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
@@ -95,13 +159,19 @@ def shard_tasks(tree: Any, mesh: Mesh) -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """A full copy of every array of ``tree`` on every device of the mesh."""
   sharding = replicated_sharding(mesh)
-  return jax.tree.map(lambda x: _global_array(np.asarray(x), sharding), tree)
+  return jax.tree.map(lambda x: _global_array(x, sharding), tree)
 
 
 def gather(tree: Any) -> Any:
-  """Global arrays -> NumPy arrays with the full value, on every process."""
+  """Global arrays -> NumPy arrays with the full value, on every process.
+
+  A replicated array is read from this process's own copy; a sharded one that
+  spans hosts is all-gathered, a collective: every process must call this.
+  """
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
   return jax.tree.map(get, tree)

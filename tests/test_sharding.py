@@ -42,17 +42,29 @@ def test_shard_and_gather_round_trip_on_this_host():
   assert r.sharding.is_fully_replicated
 
 
+def _random_init(init_fn, seed: int, scale: float):
+  """N(0, scale^2) leaves shaped like ``init_fn(key)``'s, with nothing compiled.
+
+  Eager Flax initialisers compile one small program per op: seconds per world
+  in every subprocess below.
+  """
+  leaves, treedef = jax.tree.flatten(jax.eval_shape(init_fn, jax.random.key(seed)))
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(treedef, [
+      jnp.asarray(scale * rng.normal(size=s.shape), s.dtype) for s in leaves])
+
+
 def _world():
   ds = synthetic.make_synthetic(n_users=60, n_items=40, mean_count=40, seed=3)
   split = protocol.split_emerging_items(ds, n_max=30, k=4)
   model = backbones.make_backbone("deepfm", ds, dim=4, mlp=(8,))
   tables = backbones.make_tables(ds)
-  params = backbones.init_params(model, tables, jax.random.key(0))
-  params = jax.tree.map(lambda p: p * 30.0, params)  # non-trivial gradients
+  # Large weights: non-trivial gradients.
+  params = _random_init(lambda k: backbones.init_params(model, tables, k), 0, 1.0)
   r = align.standardize(ds.item_vectors, split.old_items)
   frozen = {"params": params, "tables": tables, "r": jnp.asarray(r)}
   mapper = align.Mapper(out_dim=4, hidden=(8,))
-  phi = mapper.init(jax.random.key(1), frozen["r"][:2])
+  phi = _random_init(lambda k: mapper.init(k, frozen["r"][:2]), 1, 0.3)
   meta_params = {"phi": phi, "log_alpha": meta.init_alpha(0.5, "per_dim", 4)}
   return ds, split, model, frozen, mapper, meta_params
 

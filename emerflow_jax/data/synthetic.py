@@ -16,6 +16,8 @@ import numpy as np
 
 from emerflow_jax.data import dataset
 
+_BLOCK = 1 << 20  # rows per block of the affinity product
+
 
 def make_synthetic(n_users: int = 600, n_items: int = 500, dim: int = 8,
                    text_dim: int = 32, text_noise: float = 0.3,
@@ -56,7 +58,12 @@ def make_synthetic(n_users: int = 600, n_items: int = 500, dim: int = 8,
 
   items = np.repeat(np.arange(n_items), counts).astype(np.int32)
   users = rng.integers(0, n_users, size=len(items)).astype(np.int32)
-  logits = signal * np.sum(u_fac[users] * v_fac[items], -1) + bias[items]
+  # In row blocks: the same values as one [rows, dim] product, at a fraction
+  # of the memory in ML-1M-size and bigger worlds (benchmarks/scale.py).
+  affinity = np.concatenate([
+      np.sum(u_fac[users[i:i + _BLOCK]] * v_fac[items[i:i + _BLOCK]], -1)
+      for i in range(0, max(len(items), 1), _BLOCK)])
+  logits = signal * affinity + bias[items]
   labels = (rng.random(len(items)) < 1 / (1 + np.exp(-logits))).astype(np.float32)
   # Each item is released at a random time; its interactions follow it.
   release = rng.uniform(0, 1000, size=n_items)
