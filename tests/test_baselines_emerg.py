@@ -171,3 +171,35 @@ def test_reads_no_future_rows(tiny_ds, tiny_split, gnn, tmp_path):
   np.testing.assert_array_equal(outs[0][0], outs[1][0])
   np.testing.assert_array_equal(outs[0][1], outs[1][1])
   assert not np.array_equal(outs[0][0], outs[0][1])
+
+
+# The binary, end to end: synthetic, then each real dataset's smoke config.
+REAL = {"movielens100k": ("movielens-100k", "u.data", "u.item", "u.user"),
+        "disgenet": ("disgenet-curated-v7", "curated_gene_disease_associations.tsv.gz"),
+        "repodb": ("repodb", "derived_repodb_full.csv")}
+
+
+def run_binary(config, method, backbone, workdir, experiment_argv, repo_root):
+  """Runs experiments.run on ``config``:smoke; returns results.json."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  argv = experiment_argv(workdir, f"--config=experiments/configs/{config}.py:smoke",
+                         f"--config.method={method}", f"--config.backbone={backbone}",
+                         "--config.seeds=1")
+  proc = subprocess.run(argv, cwd=repo_root, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads((workdir / "results.json").read_text())
+  assert res["method"] == method and res["backbone"] == backbone
+  for phase in ("cold", "warm_a", "warm_b", "warm_c"):
+    assert 0.0 < res["auc"][phase][0] < 1.0
+  return res
+
+
+def test_binary_on_synthetic(tmp_path, experiment_argv, repo_root):
+  run_binary("synthetic", "emerg", "emerg_gnn", tmp_path / "run", experiment_argv, repo_root)
+
+
+@pytest.mark.parametrize("config", sorted(REAL))
+def test_binary_on_real_data(config, real_data, tmp_path, experiment_argv, repo_root):
+  real_data(*REAL[config])
+  run_binary(config, "emerg", "emerg_gnn", tmp_path / "run", experiment_argv, repo_root)

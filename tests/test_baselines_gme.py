@@ -7,7 +7,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+import test_baselines_emerg
 from emerflow_jax import tasks
 from emerflow_jax.baselines import gme
 
@@ -108,3 +110,15 @@ def test_fit_cold_refine_and_no_future_rows(tiny_ds, tiny_split, tiny_context, t
   np.testing.assert_array_equal(outs[0][1], outs[1][1])
   assert not np.array_equal(outs[0][0], outs[0][1])
   assert len({tuple(np.round(r, 7)) for r in outs[0][0]}) > 1  # item-specific
+
+
+@pytest.mark.parametrize("config,backbone", [("synthetic", "deepfm"),
+                                             ("movielens100k", "deepfm"),
+                                             ("disgenet", "widedeep"),
+                                             ("repodb", "emerg_gnn")])
+def test_binary(config, backbone, request, tmp_path, experiment_argv, repo_root):
+  """experiments.run --config.method=gme on each dataset's smoke config."""
+  if config in test_baselines_emerg.REAL:
+    request.getfixturevalue("real_data")(*test_baselines_emerg.REAL[config])
+  test_baselines_emerg.run_binary(config, "gme", backbone, tmp_path / "run",
+                                  experiment_argv, repo_root)
