@@ -1,46 +1,40 @@
-r"""Times EmerFlow's meta-training step against per-task loops and PyTorch.
+r"""Times EmerFlow's default meta-step against per-task loops and PyTorch.
 
-  python -m experiments.bench_meta --workdir=/tmp/bench \
-      [--tasks=32,256,1024,4096] [--inner_steps=1,3,5] [--repeats=5] \
-      [--impls=jax_vmap_jit,jax_task_loop,torch_task_loop,torch_func_vmap] \
-      [--devices=1,2,4] [--scaling_tasks=1024] [--torch_threads=0] \
-      [--e2e_results=/tmp/ml100k/results.json] [--tiny] \
-      [--config=experiments/configs/movielens100k.py]
+  python -m experiments.bench_meta --config=experiments/configs/bench.py \
+      --workdir=/tmp/bench [--config.bench.tasks=16,64,256,1024] \
+      [--tasks=16,64] [--inner_steps=10] [--repeats=5] [--impls=...] \
+      [--devices=1,2] [--e2e_results=/tmp/ml100k/results.json] [--tiny]
 
-Writes <workdir>/bench.json (DESIGN §8), bench.md and bench.png.  The align
-and meta sections of ``--config`` (default: the shared defaults) set the
-mapper and the meta-learning rule; the data are synthetic with ML-1M shapes.
-``--tiny`` shrinks everything to a seconds-long run (tests, CI).  Exits with
-an error, before timing anything, if the implementations disagree.
+Writes <workdir>/bench.json (DESIGN §8), bench.md and bench.png.  Everything
+is in the config (default ``experiments/configs/bench.py``: the run sections
+set the timed step, ``bench`` what to time); the flags below only override
+its ``bench`` fields.  ``--tiny`` is ``bench.py:tiny``, a seconds-long run.
+Exits with an error, before timing anything, if the implementations disagree.
 """
 
 import dataclasses
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from emerflow_jax import bench, logs
-from experiments.configs import common
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Run config whose model/align/meta sections are used "
-    "(default: the shared defaults).", lock_config=True)
+_DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "bench.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Benchmark config.",
+                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_TASKS = flags.DEFINE_list("tasks", None, "Tasks per meta step.")
-_INNER = flags.DEFINE_list("inner_steps", None, "Inner steps T.")
-_REPEATS = flags.DEFINE_integer("repeats", None, "Timed runs per case (median).")
-_IMPLS = flags.DEFINE_list("impls", None, f"Subset of {','.join(bench.IMPLS)}.")
-_LOOP_CAP = flags.DEFINE_integer("loop_cap", None, "Max tasks a loop impl times per step.")
-_DEVICES = flags.DEFINE_list("devices", None,
-                             "Forced CPU device counts for scaling ('' to skip).")
-_SCALING_TASKS = flags.DEFINE_integer("scaling_tasks", None,
-                                      "Tasks per step in the scaling runs.")
-_ADAPT = flags.DEFINE_list("adapt_items", None, "Item counts for adaptation-only timing.")
-_PROFILE = flags.DEFINE_bool("profile", True, "Profile the jax_vmap_jit step.")
-_TORCH_THREADS = flags.DEFINE_integer("torch_threads", None,
-                                      "torch threads (0: the faster of 1 and default).")
-_E2E = flags.DEFINE_string("e2e_results", "", "results.json of an emerflow run.")
-_TINY = flags.DEFINE_bool("tiny", False, "Tiny sizes: a seconds-long run.")
+_TASKS = flags.DEFINE_list("tasks", None, "Override bench.tasks.")
+_INNER = flags.DEFINE_list("inner_steps", None, "Override bench.inner_steps.")
+_REPEATS = flags.DEFINE_integer("repeats", None, "Override bench.repeats.")
+_IMPLS = flags.DEFINE_list("impls", None, f"Override bench.impls ({','.join(bench.IMPLS)}).")
+_LOOP_CAP = flags.DEFINE_integer("loop_cap", None, "Override bench.loop_cap.")
+_DEVICES = flags.DEFINE_list("devices", None, "Override bench.devices ('' to skip).")
+_ADAPT = flags.DEFINE_list("adapt_items", None, "Override bench.adapt_items.")
+_PROFILE = flags.DEFINE_bool("profile", None, "Override bench.profile.")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", None, "Override bench.torch_threads.")
+_E2E = flags.DEFINE_list("e2e_results", None, "Override bench.e2e_results.")
+_TINY = flags.DEFINE_bool("tiny", False, "Use bench.py:tiny (a seconds-long run).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -51,19 +45,24 @@ def _ints(values):
 def main(argv):
   del argv
   logs.quiet_third_party()
-  options = bench.TINY if _TINY.value else bench.Options()
-  overrides = {"tasks": _TASKS.value, "inner_steps": _INNER.value,
-               "devices": _DEVICES.value, "adapt_items": _ADAPT.value}
-  changes = {k: _ints(v) for k, v in overrides.items() if v is not None}
+  if _TINY.value:
+    from experiments.configs import bench as bench_config  # pylint: disable=g-import-not-at-top
+    config = bench_config.get_config("tiny")
+  else:
+    config = _CONFIG.value
+  options = bench.options_from_config(config)
+  changes = {k: _ints(f.value) for k, f in (("tasks", _TASKS), ("inner_steps", _INNER),
+                                            ("devices", _DEVICES),
+                                            ("adapt_items", _ADAPT)) if f.value is not None}
   for name, flag in (("repeats", _REPEATS), ("loop_cap", _LOOP_CAP),
-                     ("torch_threads", _TORCH_THREADS), ("scaling_tasks", _SCALING_TASKS)):
+                     ("torch_threads", _TORCH_THREADS), ("profile", _PROFILE)):
     if flag.value is not None:
       changes[name] = flag.value
   if _IMPLS.value is not None:
     changes["impls"] = tuple(_IMPLS.value)
-  options = dataclasses.replace(options, profile=_PROFILE.value,
-                                e2e_results=_E2E.value, **changes)
-  config = _CONFIG.value or common.base_config("ml1m_like", n_max=200, k=20)
+  if _E2E.value is not None:
+    changes["e2e_results"] = tuple(_E2E.value)
+  options = dataclasses.replace(options, **changes)
   result = bench.run_benchmark(options, config, log=logging.info)
   bench.write_reports(result, _WORKDIR.value)
   logging.info("wrote %s/bench.json, bench.md, bench.png", _WORKDIR.value)

@@ -1,4 +1,4 @@
-"""The meta-learning speed benchmark: agreement check, and a tiny end-to-end run."""
+"""The meta-step benchmark: agreement check, and a tiny end-to-end run."""
 
 import dataclasses
 import json
@@ -10,54 +10,81 @@ import numpy as np
 import pytest
 
 from emerflow_jax import bench
-from experiments.configs import common
+from experiments.configs import bench as bench_config
 
 
 @pytest.fixture(scope="module")
 def tiny():
-  config = common.base_config("bench", n_max=200, k=20)
-  world = bench.make_world(bench.TINY_SHAPES, config, 8)
-  mcfg = dataclasses.replace(bench.bench_meta_config(config), inner_steps=1)
-  return world, mcfg
+  config = bench_config.get_config("tiny")
+  options = bench.options_from_config(config)
+  world = bench.make_world(options.shapes, config, 8)
+  return world, bench.bench_meta_config(config), config
 
 
-def test_world_has_ml1m_like_fields_and_full_tasks(tiny):
-  world, _ = tiny
+def test_the_benchmark_times_the_runs_default_step(tiny):
+  world, mcfg, config = tiny
+  # The run's own settings: flow tasks, per-phase step sizes, the pooled loss.
+  assert mcfg.phase_alpha and mcfg.outer_loss == "auc" and mcfg.rule == "adam"
+  assert mcfg.inner_steps == config.meta.inner_steps
   keys = [k for k, _ in world.model.vocab_sizes]
   assert keys == ["user/user_id", "user/gender", "user/age", "user/occupation",
                   "user/zip", "item/item_id", "item/year", "item/title", "item/genres"]
-  assert world.tasks["support/users"].shape == (8, bench.TINY_SHAPES.support_rows)
-  assert world.tasks["query/mask"].shape == (8, bench.TINY_SHAPES.query_rows)
+  assert world.tasks["support/users"].shape == (8, 3, config.data.k)
+  assert world.tasks["query/mask"].shape == (8, config.meta.query_rows)
   assert world.tasks["support/mask"].all()  # every item is old and long enough
+  assert world.meta_params["log_alpha"].shape == (3,)
 
 
-def test_agreement_check_passes_then_catches_a_perturbed_implementation(tiny):
-  world, mcfg = tiny
-  # The other variant than the binary test's: sgd rule, mapper inside the step.
-  world = dataclasses.replace(world, frozen={k: v for k, v in world.frozen.items()
-                                             if k != "e0_table"})
-  mcfg = dataclasses.replace(mcfg, rule="sgd", inner_steps=2, train_init=True)
+@pytest.mark.parametrize("auc_pairs", [0, 8])
+def test_agreement_check_passes_then_catches_a_perturbed_implementation(tiny, auc_pairs):
+  world, mcfg, _ = tiny
+  mcfg = dataclasses.replace(mcfg, auc_pairs=auc_pairs, train_init=True)
   have_torch = bench.torch_version() is not None
-  other = "torch_func_vmap" if have_torch else "jax_task_loop"
-  impls = bench.make_impls(world, mcfg, ["jax_vmap_jit", other])
+  others = ["jax_task_loop"] + (["torch_task_loop", "torch_func_vmap"] if have_torch else [])
+  impls = bench.make_impls(world, mcfg, ["jax_vmap_jit"] + others)
   batch = bench.task_batch(world, 4)
-  assert bench.check_agreement(impls, batch, tol=1e-4)[other] < 1e-5
+  worst = bench.check_agreement(impls, batch, tol=1e-4)
+  assert set(worst) == set(others) and max(worst.values()) < 1e-4
   if have_torch:
-    w, _ = impls[other].mlp[0]
+    w, _ = impls["torch_func_vmap"].mlp[0]
     w.mul_(1.001)  # a 0.1 % change of one backbone layer
+    bad = "torch_func_vmap"
   else:
-    impls[other] = bench.JaxTaskLoop(world, dataclasses.replace(mcfg, beta=0.2))
-  with pytest.raises(bench.AgreementError, match=other):
+    impls["jax_task_loop"] = bench.JaxTaskLoop(world, dataclasses.replace(mcfg, beta=0.2))
+    bad = "jax_task_loop"
+  with pytest.raises(bench.AgreementError, match=bad):
     bench.check_agreement(impls, batch, tol=1e-4)
 
 
+def test_sampled_pairs_differ_by_key_and_every_implementation_follows_them(tiny):
+  world, mcfg, _ = tiny
+  mcfg = dataclasses.replace(mcfg, auc_pairs=2)
+  batch = bench.task_batch(world, 4)
+  a = bench.auc_partners(mcfg, batch, bench.step_key(0))
+  b = bench.auc_partners(mcfg, batch, bench.step_key(1))
+  assert a.shape == (3, 4 * world.query_rows, 2) and not np.array_equal(a, b)
+  impl = bench.JaxVmapJit(world, mcfg)
+  l0, _ = impl.loss_and_grads(batch, bench.step_key(0))
+  l1, _ = impl.loss_and_grads(batch, bench.step_key(1))
+  assert l0 != l1
+
+
 def test_loop_impls_time_a_capped_subset(tiny):
-  world, mcfg = tiny
-  options = dataclasses.replace(bench.TINY, loop_cap=2, repeats=2)
-  case = bench.time_impl(bench.JaxTaskLoop(world, mcfg), world, 8, options)
+  world, mcfg, _ = tiny
+  case = bench.time_impl(bench.JaxTaskLoop(world, mcfg), world, 8, repeats=2, loop_cap=2)
   assert case["measured_tasks"] == 2 and case["tasks"] == 8
   assert case["tasks_per_s"] > 0 and case["compile_s"] > 0
   assert len(case["times_s"]) == 2
+
+
+def test_options_come_from_the_config_and_reject_unknown_fields():
+  config = bench_config.get_config()
+  options = bench.options_from_config(config)
+  assert options.tasks == (16, 64, 256, 1024) and options.shapes.n_items == 3706
+  with config.unlocked():
+    config.bench.nope = 1
+  with pytest.raises(ValueError, match="nope"):
+    bench.options_from_config(config)
 
 
 def test_op_kinds_reads_fusions_from_hlo():
@@ -75,7 +102,7 @@ def test_bench_binary_tiny_end_to_end(tmp_path, repo_root):
   out = tmp_path / "bench"
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.bench_meta", f"--workdir={out}", "--tiny",
-       "--inner_steps=1", "--tasks=4", "--devices=2", f"--e2e_results={e2e}"],
+       "--tasks=4", "--devices=2", "--adapt_items=4", f"--e2e_results={e2e}"],
       cwd=repo_root, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((out / "bench.json").read_text())
@@ -84,16 +111,17 @@ def test_bench_binary_tiny_end_to_end(tmp_path, repo_root):
   want = set(bench.IMPLS) if have_torch else {"jax_vmap_jit", "jax_task_loop"}
   assert {c["impl"] for c in res["cases"]} == want
   # The run checked agreement of all implementations before timing them.
-  assert set(res["agreement"]["1"]) == want - {"jax_vmap_jit"}
-  assert max(res["agreement"]["1"].values()) < 1e-5
+  assert set(res["agreement"]["2"]) == want - {"jax_vmap_jit"}
+  assert max(res["agreement"]["2"].values()) < 1e-4
   for c in res["cases"]:
-    assert c["tasks"] == 4 and c["inner_steps"] == 1
+    assert c["tasks"] == 4 and c["inner_steps"] == 2
     assert c["tasks_per_s"] > 0 and "compile_s" in c and c["peak_rss_mb"] > 0
   assert res["scaling"][0]["devices"] == 2
   assert res["adapt"] and res["profile"]["step_s"] > 0
-  assert res["e2e"]["seconds"]["total"] == 3.5
+  assert res["e2e"][0]["seconds"]["total"] == 3.5
   md = (out / "bench.md").read_text()
-  assert res["device"] in md and "jax_vmap_jit / torch_task_loop" in md
+  assert res["device"] in md and "vmap / torch_task_loop" in md
+  assert "task-inner-steps/s" in md and "default meta-step of a run" in md
   if not have_torch:
     assert "torch is not installed" in md
   assert (out / "bench.png").stat().st_size > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from emerflow_jax.bench import core
+from emerflow_jax.bench import benchmark as core
 
 
 def _fmt(x: float | None, digits: int = 0) -> str:
@@ -77,7 +77,6 @@ def _limits_text(p: dict, result: dict) -> list[str]:
 
 def _batch_size_text(result: dict) -> list[str]:
   """How per-task throughput of jax_vmap_jit falls with the batch size (CPU)."""
-  sh = result["options"]["shapes"]
   if result["info"]["platform"] != "cpu":
     return []
   drops, largest = [], 0
@@ -94,7 +93,8 @@ def _batch_size_text(result: dict) -> list[str]:
   if not drops:
     return []
   # One [rows, fields, d] float32 activation of the whole batch.
-  mb = largest * (sh["support_rows"] + sh["query_rows"]) * result["n_fields"] * 16 * 4 / 2**20
+  rows = result["phases"] * result["k"] + result["query_rows"]
+  mb = largest * rows * result["n_fields"] * 16 * 4 / 2**20
   return ["", "Per-task throughput falls at large batches (" + "; ".join(drops) + "). One "
           f"[rows, fields, d] activation of a {largest}-task batch is about {mb:.0f} MB, "
           "far beyond the CPU caches, so big batches are bound by memory bandwidth (our "
@@ -117,13 +117,15 @@ def markdown(result: dict) -> str:
          f"{min(loads):.1f}–{max(loads):.1f}.", "",
          f"World: ML-1M-like synthetic data ({sh['n_users']} users, {sh['n_items']} "
          f"items, 9 fields incl. title-word and genre sequences, {sh['text_dim']}-d text "
-         f"vectors); tasks of {sh['support_rows']} support and {sh['query_rows']} query "
-         "rows; DeepFM d = 16, MLP (16, 16); float32. The timed step follows the "
-         f"config: {result['variant']}.", "",
+         "vectors); DeepFM d = 16, MLP (16, 16); float32. **The timed step is the "
+         f"default meta-step of a run**: {result['variant']}.", "",
          f"tasks/s = tasks per meta step / median step time of {opts['repeats']} runs "
-         "after a warm-up run; compile time is separate. Loop implementations (marked *) "
-         f"time at most {opts['loop_cap']} tasks per step and report that per-task "
-         "throughput for bigger batches (their cost is linear in tasks).", ""]
+         "after a warm-up run; compile time is separate. Each task takes "
+         f"{result['phases']} x T inner steps, so task-inner-steps/s = "
+         f"{result['phases']} T x tasks/s. Loop implementations (marked *) time at most "
+         f"{opts['loop_cap']} tasks per step and report that per-task throughput for "
+         "bigger batches (their cost is linear in tasks). With sampled pairs the PyTorch "
+         "references take the JAX step's draws, made outside their timed work.", ""]
   if not str(result["torch"])[:1].isdigit():
     out += [f"PyTorch cases: {result['torch']}.", ""]
   elif result.get("torch_threads"):
@@ -164,18 +166,23 @@ def markdown(result: dict) -> str:
       out.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
   lo, hi = result["emerg_tasks_per_s"]
   out += ["", f"## Ratios on {dev}", "",
-          "| T | tasks | jax_vmap_jit / torch_task_loop | jax_vmap_jit / torch_func_vmap "
-          f"| jax_vmap_jit / EmerG ({lo:.0f}–{hi:.0f} tasks/s, DESIGN §9) |",
-          "|---|---|---|---|---|"]
+          "| T | tasks | vmap / jax_task_loop | vmap / torch_task_loop | vmap / "
+          "torch_func_vmap | vmap task-inner-steps/s | vs EmerG "
+          f"({lo:.0f}–{hi:.0f} task-inner-steps/s, DESIGN §9) |",
+          "|---|---|---|---|---|---|---|"]
   for t in ts:
-    for n in [n for n in (256, 4096) if n in ns] or ns[-1:]:
+    for n in ns:
       ours = _rate(result, "jax_vmap_jit", n, t)
-      tl, tf = _rate(result, "torch_task_loop", n, t), _rate(result, "torch_func_vmap", n, t)
-      r = lambda other: f"{ours / other:,.1f}x" if ours and other else "—"
-      emerg = f"{ours / hi:,.0f}x–{ours / lo:,.0f}x" if ours else "—"
-      out.append(f"| {t} | {n} | {r(tl)} | {r(tf)} | {emerg} |")
+      r = lambda other: (f"{ours / other:,.1f}x" if ours and other else "—")
+      steps = ours * result["phases"] * t if ours else None
+      emerg = f"{steps / hi:,.0f}x–{steps / lo:,.0f}x" if steps else "—"
+      out.append(f"| {t} | {n} | {r(_rate(result, 'jax_task_loop', n, t))} | "
+                 f"{r(_rate(result, 'torch_task_loop', n, t))} | "
+                 f"{r(_rate(result, 'torch_func_vmap', n, t))} | {_fmt(steps)} | {emerg} |")
   out += ["", "EmerG's 38–50 tasks/s were measured with its own code on ML-100K "
-          "(K = 10) on a 2-core CPU; the comparison is indicative, not same-code."]
+          "(K = 10, one inner step per task) on a 2-core CPU; a task here takes "
+          f"{result['phases']} x T inner steps, hence the comparison in "
+          "task-inner-steps/s. It is indicative, not same-code."]
   if result.get("scaling"):
     s0 = result["scaling"][0]["tasks_per_s"]
     out += ["", "## Scaling over forced CPU devices", "",
@@ -193,7 +200,7 @@ def markdown(result: dict) -> str:
     out += ["", f"## Adaptation only (one warm-up phase) on {dev}", "",
             "`meta.adapt_items` (the jitted rule) and `emerflow.refine_items` (what a run "
             "calls: the rule sharded over all devices, with host transfers), K = "
-            f"{sh['support_rows']} rows per item.", "",
+            f"{result['k']} rows per item.", "",
             "| items | T | adapt_items items/s | refine_items items/s | compile s |",
             "|---|---|---|---|---|"]
     for a in result["adapt"]:
@@ -203,11 +210,14 @@ def markdown(result: dict) -> str:
     out += ["", f"## What limits jax_vmap_jit on {dev}", ""] + _limits_text(
         result["profile"], result)
   if result.get("e2e"):
-    e = result["e2e"]
-    secs = ", ".join(f"{k} {v:.1f} s" for k, v in e["seconds"].items())
-    out += ["", "## End to end", "",
-            f"{e['method']} / {e['backbone']} on {e['dataset']}, {e['seeds']} seed(s): "
-            f"{secs} (from its results.json, measured by that run)."]
+    out += ["", "## End to end (ML-100K runs, seconds per seed from their results.json)", "",
+            "| run | method | backbone | seeds | pretrain s | method s | total s |",
+            "|---|---|---|---|---|---|---|"]
+    for e in result["e2e"]:
+      sec = e["seconds"]
+      out.append(f"| {e.get('path', '')} | {e['method']} | {e['backbone']} | {e['seeds']} | "
+                 f"{_fmt(sec.get('pretrain'), 1)} | {_fmt(sec.get('method'), 1)} | "
+                 f"{_fmt(sec.get('total'), 1)} |")
   return "\n".join(out) + "\n"
 
 
