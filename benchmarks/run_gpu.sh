@@ -57,7 +57,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 # Python-loop implementations launch hundreds of kernels per task: they are
 # timed on 32 tasks per step (per-task throughput, marked * in bench.md).
 timeout 420 "$PY" -m experiments.bench_meta --workdir="$OUT" \
-  --tasks=256,1024,4096,16384 --inner_steps=1,3,5 --repeats=5 \
+  --tasks=256,1024,4096,16384 --repeats=5 \
   --loop_cap=32 --devices= --adapt_items=972,4096 --alsologtostderr \
   2>&1 | grep -v -e "Some donated buffers" -e "warnings.warn" | tee "$OUT/log.txt"
 echo "wrote $OUT/bench.json, bench.md, bench.png"
