@@ -7,6 +7,11 @@ epoch, so a killed run resumes at its last finished epoch and ends exactly
 where an uninterrupted run ends (the epoch's shuffling key is
 ``fold_in(rng, epoch)``).
 
+Data parallel over ``sharding.task_mesh()`` (every device, every host): the
+rows and the train state are replicated, each minibatch is split over the
+devices, and XLA all-reduces the gradient, so every device applies the same
+Adam update.  Only the order of the batch sums depends on the device count.
+
 DropoutNet's item-embedding dropout lives here because it changes pretraining:
 with probability ``item_dropout`` a batch's item-ID embeddings are replaced by
 the mean item embedding of the batch's items, so that the model learns to
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from emerflow_jax import checkpoint, curves
+from emerflow_jax import checkpoint, curves, sharding
 from emerflow_jax.models import backbones
 
 State = dict[str, Any]
@@ -44,14 +49,30 @@ def init_state(params: Any, tx: optax.GradientTransformation, key: jax.Array) ->
 
 def make_epoch_fn(model: backbones.Backbone, tx: optax.GradientTransformation,
                   tables: backbones.Tables, batch_size: int,
-                  item_dropout: float = 0.0) -> Callable[..., tuple[State, jnp.ndarray]]:
+                  item_dropout: float = 0.0, mesh: jax.sharding.Mesh | None = None
+                  ) -> Callable[..., tuple[State, jnp.ndarray]]:
   """Returns jit(epoch(state, users, items, labels, epoch) -> (state, losses)).
 
   Rows are shuffled with ``fold_in(rng, epoch)`` and cut into
   ``n // batch_size`` full batches (the remainder differs every epoch).
+
+  Args:
+    model, tx, tables: the backbone, its optimiser and feature tables.
+    batch_size: rows per minibatch.
+    item_dropout: DropoutNet's per-batch item-embedding replacement rate.
+    mesh: split every minibatch over this mesh's devices (state and rows
+      replicated on it, e.g. by ``sharding.replicate``); None: no constraint.
+
+  Returns:
+    The jitted epoch; it donates ``state``; ``losses`` is [n // batch_size].
   """
 
-  def loss_fn(params, users, items, labels, key):
+  def split(x):
+    if mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, sharding.task_sharding(mesh))
+
+  def loss_fn(params, tables, users, items, labels, key):
     item_emb = None
     if item_dropout > 0:
       table = backbones.item_embedding_table(params)
@@ -62,7 +83,7 @@ def make_epoch_fn(model: backbones.Backbone, tx: optax.GradientTransformation,
     logits = backbones.score(model, params, tables, users, items, item_emb)
     return backbones.bce_loss(logits, labels)
 
-  def epoch(state, users, items, labels, epoch_idx):
+  def epoch(state, tables, users, items, labels, epoch_idx):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), epoch_idx)
     n_batches = users.shape[0] // batch_size
     perm = jax.random.permutation(key, users.shape[0])[:n_batches * batch_size]
@@ -72,7 +93,8 @@ def make_epoch_fn(model: backbones.Backbone, tx: optax.GradientTransformation,
       idx, i = xs
       k = jax.random.fold_in(key, i)
       loss, grads = jax.value_and_grad(loss_fn)(
-          st["params"], users[idx], items[idx], labels[idx], k)
+          st["params"], tables, split(users[idx]), split(items[idx]),
+          split(labels[idx]), k)
       updates, opt_state = tx.update(grads, st["opt_state"], st["params"])
       st = dict(st, params=optax.apply_updates(st["params"], updates),
                 opt_state=opt_state, step=st["step"] + 1)
@@ -80,7 +102,18 @@ def make_epoch_fn(model: backbones.Backbone, tx: optax.GradientTransformation,
 
     return jax.lax.scan(step, state, (perm, jnp.arange(n_batches)))
 
-  return jax.jit(epoch, donate_argnums=0)
+  if mesh is None:
+    fn = jax.jit(epoch, donate_argnums=0)
+  else:
+    rep = sharding.replicated_sharding(mesh)
+    fn = jax.jit(epoch, donate_argnums=0, out_shardings=(rep, rep))
+    # Tables as a replicated argument, not a closed-over (one-device) constant.
+    tables = sharding.replicate(tables, mesh)
+  return functools.partial(_with_tables, fn, tables)
+
+
+def _with_tables(fn, tables, state, users, items, labels, epoch_idx):
+  return fn(state, tables, users, items, labels, epoch_idx)
 
 
 def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
@@ -88,7 +121,8 @@ def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
                       batch_size: int, lr: float, ckpt_dir: str | os.PathLike,
                       item_dropout: float = 0.0, weight_decay: float = 0.0,
                       log: Callable[[str], None] = logging.info,
-                      writer: Any = None) -> Any:
+                      writer: Any = None,
+                      mesh: jax.sharding.Mesh | None = None) -> Any:
   """Pretrains the backbone on ``rows`` and returns its parameters.
 
   Args:
@@ -104,18 +138,20 @@ def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
     weight_decay: optional AdamW decay.
     log: progress logger.
     writer: optional ``curves`` writer (``loss`` per epoch).
+    mesh: the devices every minibatch is split over (default: all of them,
+      ``sharding.task_mesh()``).
 
   Returns:
-    The trained parameters.
+    The trained parameters (replicated on ``mesh``).
   """
   init_key, state_key = jax.random.split(key)
   tx = make_optimizer(lr, weight_decay)
+  mesh = sharding.task_mesh() if mesh is None else mesh
   state = init_state(backbones.init_params(model, tables, init_key), tx, state_key)
-  users = jnp.asarray(rows["users"])
-  items = jnp.asarray(rows["items"])
-  labels = jnp.asarray(rows["labels"])
+  state, users, items, labels = sharding.replicate(
+      (state, rows["users"], rows["items"], rows["labels"]), mesh)
   batch_size = min(batch_size, int(users.shape[0]))
-  epoch_fn = make_epoch_fn(model, tx, tables, batch_size, item_dropout)
+  epoch_fn = make_epoch_fn(model, tx, tables, batch_size, item_dropout, mesh)
   with checkpoint.Checkpointer(ckpt_dir) as ckpt:
     state, done = ckpt.restore_or(state)
     start = 0 if done is None else done
@@ -123,8 +159,10 @@ def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
       log(f"pretrain: resumed from epoch {done} in {ckpt.directory}")
     for e in range(start, epochs):
       state, losses = epoch_fn(state, users, items, labels, e)
-      loss = float(losses.mean())
-      log(f"pretrain: epoch {e + 1}/{epochs} step {int(state['step'])} loss {loss:.4f}")
+      # Replicated: each process reads its own copy.
+      loss, step = sharding.gather((losses, state["step"]))
+      loss = float(loss.mean())
+      log(f"pretrain: epoch {e + 1}/{epochs} step {int(step)} loss {loss:.4f}")
       curves.write(writer, e + 1, {"loss": loss})
       ckpt.save(e + 1, state)
   return state["params"]

@@ -1,16 +1,19 @@
 """Tests for resumable backbone pretraining, in process and with a real kill."""
 
 import json
+import os
 import pathlib
 import signal
 import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emerflow_jax import pretrain, tasks
+from emerflow_jax import pretrain, sharding, tasks
+from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 
 # Same model and optimiser as the tiny_backbone fixture: the compiled epoch is
@@ -71,6 +74,62 @@ def test_pretraining_lowers_the_training_loss(tiny_ds, tiny_split, tiny_backbone
 
   untrained = random_params(bb.model, bb.tables, scale=0.01)
   assert float(loss(bb.params)) < float(loss(untrained)) - 0.01
+
+
+# --- data parallel over 4 devices ---------------------------------------------
+
+
+def _four_device_checks(workdir: str) -> dict:
+  """Runs in a 4-device subprocess: 1-device vs 4-device pretraining."""
+  assert jax.device_count() == 4, jax.devices()
+  ds = synthetic.make_synthetic(n_users=60, n_items=40, mean_count=40, seed=0)
+  rows = {k: v[:1500] for k, v in tasks.pack_flat(ds, np.arange(ds.n_rows)).items()}
+  model = backbones.make_backbone("deepfm", ds, dim=DIM, mlp=MLP)
+  tables = backbones.make_tables(ds)
+  out, params = {}, {}
+  for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
+    mesh = sharding.task_mesh(devices)
+    params[name] = pretrain.pretrain_backbone(
+        model, tables, rows, jax.random.key(0), epochs=2, batch_size=BATCH, lr=LR,
+        ckpt_dir=pathlib.Path(workdir) / name, item_dropout=0.1, mesh=mesh,
+        log=lambda _: None)
+    leaf = jax.tree.leaves(params[name])[0]
+    out[f"devices_{name}"] = len(leaf.sharding.device_set)
+    out[f"replicated_{name}"] = bool(leaf.sharding.is_fully_replicated)
+  # The minibatch is split: the step all-reduces its gradient across devices.
+  mesh = sharding.task_mesh()
+  fn = pretrain.make_epoch_fn(model, pretrain.make_optimizer(LR), tables, BATCH,
+                              mesh=mesh)
+  state = sharding.replicate(pretrain.init_state(
+      backbones.init_params(model, tables, jax.random.key(0)),
+      pretrain.make_optimizer(LR), jax.random.key(1)), mesh)
+  args = sharding.replicate((rows["users"], rows["items"], rows["labels"]), mesh)
+  jitted, tables_r = fn.args  # functools.partial(_with_tables, jit, tables)
+  hlo = jitted.lower(state, tables_r, *args, 0).compile().as_text()
+  out["all_reduce"] = "all-reduce" in hlo
+  diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+           for a, b in zip(jax.tree.leaves(params["four"]), jax.tree.leaves(params["one"]))]
+  out["param_diff"] = max(diffs)
+  out["scale"] = max(float(np.max(np.abs(np.asarray(a))))
+                     for a in jax.tree.leaves(params["one"]))
+  return out
+
+
+def test_four_devices_give_the_parameters_of_one(tmp_path, repo_root):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  code = ("import json, sys; from tests import test_pretrain as t; "
+          "print('RESULT', json.dumps(t._four_device_checks(sys.argv[1])))")
+  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=repo_root,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  out = json.loads(line[len("RESULT "):])
+  assert out["devices_one"] == 1 and out["devices_four"] == 4, out
+  assert out["replicated_four"], out
+  assert out["all_reduce"], out
+  # Float tolerance: only the order of the batch sums differs.
+  assert out["param_diff"] < 1e-5 * max(1.0, out["scale"]), out
 
 
 # --- a real kill ---------------------------------------------------------------
