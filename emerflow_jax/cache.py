@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import pathlib
+import sys
 from typing import Any, Iterator, Sequence
 
 import ml_collections
@@ -101,8 +102,14 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
 
   Two processes that need the same artifact at the same moment: the first
   builds it while the second waits, then the second finds it complete.
+  The processes of one multi-process JAX system build it together (their
+  collectives would deadlock on one lock), so each takes its own lock.
   """
-  lock = pathlib.Path(os.fspath(path) + ".lock")
+  suffix = ".lock"
+  jax = sys.modules.get("jax")
+  if jax is not None and jax.distributed.is_initialized():
+    suffix = f".p{jax.process_index()}.lock"
+  lock = pathlib.Path(os.fspath(path) + suffix)
   lock.parent.mkdir(parents=True, exist_ok=True)
   with open(lock, "a+") as f:
     fcntl.flock(f, fcntl.LOCK_EX)

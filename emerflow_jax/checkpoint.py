@@ -9,11 +9,14 @@ complete but is not (Orbax writes to a temporary directory and renames it).
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from emerflow_jax import sharding
 
 
 class Checkpointer:
@@ -44,6 +47,7 @@ class Checkpointer:
       state: the pytree of arrays to save.
       force: save even when Orbax's save policy would skip this step.
     """
+    state = _global_if_multiprocess(state)
     self._manager.save(int(step), args=ocp.args.StandardSave(state), force=force)
     self._manager.wait_until_finished()
 
@@ -63,8 +67,14 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    local = jax.tree.map(_is_local, template)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            _global_if_multiprocess(template))
+    out = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    if jax.process_count() == 1:
+      return out
+    # Back to this process's own copy where the caller gave a local array.
+    return jax.tree.map(lambda x, loc: x.addressable_data(0) if loc else x, out, local)
 
   def restore_or(self, template: Any) -> tuple[Any, int | None]:
     """Returns (latest state, its step) or (template, None) if nothing saved."""
@@ -84,10 +94,29 @@ class Checkpointer:
     self.close()
 
 
+def _is_local(x: Any) -> bool:
+  return not (isinstance(x, jax.Array) and not x.is_fully_addressable)
+
+
+def _global_if_multiprocess(state: Any) -> Any:
+  """Host-local leaves -> arrays replicated over every process's devices.
+
+  Orbax writes only global arrays when several processes save together.  A
+  host-local leaf (a stage trained on one device per process) holds the same
+  value on every process (same data, seeds and program), so process 0's copy
+  is the one written.
+  """
+  if jax.process_count() == 1:
+    return state
+  mesh = sharding.task_mesh()
+  return jax.tree.map(lambda x: sharding.replicate(x, mesh) if _is_local(x) else x,
+                      state)
+
+
 def save_arrays(path: str | os.PathLike, **arrays: np.ndarray) -> None:
   """Atomically writes a small .npz of results (rename after a full write)."""
   path = os.fspath(path)
-  tmp = path + ".tmp.npz"
+  tmp = f"{path}.{uuid.uuid4().hex}.tmp.npz"  # own name: see results.write_json_atomic
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
 

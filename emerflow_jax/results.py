@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import uuid
 from typing import Any, Iterable
 
 import numpy as np
@@ -26,7 +27,9 @@ def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
       and lists, anything else unknown its ``str``.
   """
   path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + ".tmp")
+  # A temporary name of its own: processes that write the same file at once
+  # (several JAX processes, one shared disk) never rename each other's file.
+  tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
   tmp.write_text(json.dumps(obj, indent=1, default=_default))
   os.replace(tmp, path)
 

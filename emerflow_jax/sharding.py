@@ -37,7 +37,7 @@ ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 
 def maybe_initialize_distributed(env: Mapping[str, str] | None = None,
-                                 timeout_s: int = 300) -> bool:
+                                 timeout_s: int = 300, refuse: str = "") -> bool:
   """Joins this process to a multi-process JAX system when asked to.
 
   Every process of the system runs the same command with the same config and
@@ -49,12 +49,15 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None,
   Args:
     env: the settings (default: ``os.environ``).
     timeout_s: how long to wait for every process to join.
+    refuse: non-empty: why this command cannot run as several JAX processes
+      (it is raised when the settings ask for more than one).
 
   Returns:
     True when this process is now part of a multi-process system.
 
   Raises:
-    ValueError: some settings but not all are given, or they are malformed.
+    ValueError: some settings but not all are given, they are malformed, or
+      ``refuse`` is set and more than one process is asked for.
   """
   env = os.environ if env is None else env
   names = (ENV_ADDRESS, ENV_PROCESSES, ENV_PROCESS_ID)
@@ -74,6 +77,8 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None,
     raise ValueError(f"{ENV_PROCESS_ID}={i} is not in [0, {ENV_PROCESSES}={n})")
   if n == 1:
     return False
+  if refuse:
+    raise ValueError(f"{ENV_PROCESSES}={n}, but {refuse}")
   if not jax.distributed.is_initialized():
     jax.distributed.initialize(coordinator_address=given[ENV_ADDRESS],
                                num_processes=n, process_id=i,

@@ -32,7 +32,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emerflow_jax import compare, logs, multisplit
+from emerflow_jax import compare, logs, multisplit, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Dataset config file.",
                                           lock_config=True)
@@ -91,6 +91,8 @@ def _commit() -> str:
 
 def main(argv):
   del argv
+  sharding.maybe_initialize_distributed(
+      refuse="--tune draws trials per process" if _TUNE.value else "")
   logs.quiet_third_party()
   config = _CONFIG.value
   seeds = _SEEDS.value or config.seeds

@@ -11,7 +11,7 @@ same workdir resumes from the Orbax checkpoints and finished seeds.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emerflow_jax import logs, train
+from emerflow_jax import logs, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -21,6 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  sharding.maybe_initialize_distributed()  # several hosts (docs/scaling.md)
   logs.quiet_third_party()
   summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info("wrote %s/results.json (%.1f s)", _WORKDIR.value,

@@ -20,7 +20,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emerflow_jax import sweep
+from emerflow_jax import sharding, sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -39,6 +39,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  sharding.maybe_initialize_distributed(refuse="a sweep shares machines through --storage")
   config_flag = flags.FLAGS["config"]
   path = config_flags.get_config_filename(config_flag)
   base = dict(config_flags.get_override_values(config_flag))

@@ -16,7 +16,7 @@ resumes the studies in <workdir>/tune.db (or ``--storage``).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emerflow_jax import logs, tune
+from emerflow_jax import logs, sharding, tune
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Dataset config file.",
                                           lock_config=True)
@@ -35,6 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  sharding.maybe_initialize_distributed(refuse="tuning shares machines through --storage")
   logs.quiet_third_party()
   for method in _METHODS.value:
     config = _CONFIG.value.copy_and_resolve_references()

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from emerflow_jax import align, emerflow, meta, methods, protocol, sharding, tasks
 from emerflow_jax.data import synthetic
@@ -40,6 +41,23 @@ def test_shard_and_gather_round_trip_on_this_host():
   np.testing.assert_array_equal(sharding.gather(s)[:6], x)
   r = sharding.replicate(jnp.ones(3), mesh)
   assert r.sharding.is_fully_replicated
+
+
+def test_distributed_settings_all_or_none():
+  env = sharding.ENV_ADDRESS, sharding.ENV_PROCESSES, sharding.ENV_PROCESS_ID
+  assert not sharding.maybe_initialize_distributed({})
+  # One process: nothing to join.
+  assert not sharding.maybe_initialize_distributed(dict(zip(env, ("h:1", "1", "0"))))
+  with pytest.raises(ValueError, match=sharding.ENV_PROCESS_ID):
+    sharding.maybe_initialize_distributed(dict(zip(env[:2], ("h:1", "2"))))
+  with pytest.raises(ValueError, match="not in"):
+    sharding.maybe_initialize_distributed(dict(zip(env, ("h:1", "2", "2"))))
+  with pytest.raises(ValueError, match="integers"):
+    sharding.maybe_initialize_distributed(dict(zip(env, ("h:1", "two", "0"))))
+  with pytest.raises(ValueError, match="a sweep"):
+    sharding.maybe_initialize_distributed(dict(zip(env, ("h:1", "2", "0"))),
+                                          refuse="a sweep shares machines")
+  assert not jax.distributed.is_initialized()
 
 
 def _random_init(init_fn, seed: int, scale: float):
