@@ -46,6 +46,9 @@ class Options:
     profile: trace the jax_vmap_jit step and break its time down by XLA op.
     torch_threads: torch intra-op threads; 0 picks the faster of 1 and the
       default on a short probe (tiny ops often run slower with more threads).
+    torch_max_tasks: the PyTorch cases are timed at batch sizes up to this
+      (0: all); eager second-order PyTorch is slow enough on a CPU that
+      bigger batches would take most of the run.
     e2e_results: results.json files of runs whose wall times to record.
     shapes: the world.
     seed: data and weights.
@@ -63,6 +66,7 @@ class Options:
   tol: float = 1e-4
   profile: bool = True
   torch_threads: int = 0
+  torch_max_tasks: int = 0
   e2e_results: tuple[str, ...] = ()
   shapes: world_lib.Shapes = world_lib.Shapes()
   seed: int = 0
@@ -159,7 +163,7 @@ def _run_benchmark(options, config, log):
       from emerflow_jax.bench import torch_impl  # pylint: disable=g-import-not-at-top
       result["torch_threads"] = torch_impl.choose_torch_threads(
           w, dataclasses.replace(base, inner_steps=steps[0]),
-          min(4, options.loop_cap, max(options.tasks)))
+          min(2, options.loop_cap, max(options.tasks)))
     log(f"torch threads: {result['torch_threads']}")
   for t in steps:
     mcfg = dataclasses.replace(base, inner_steps=t)
@@ -171,6 +175,9 @@ def _run_benchmark(options, config, log):
         ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     for n in options.tasks:
       for impl in impls.values():
+        if (impl.name.startswith("torch") and options.torch_max_tasks
+            and n > options.torch_max_tasks):
+          continue
         case = dict(timing.time_impl(impl, w, n, options.repeats, options.loop_cap),
                     inner_steps=t)
         result["cases"].append(case)

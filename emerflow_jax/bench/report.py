@@ -124,7 +124,9 @@ def markdown(result: dict) -> str:
          f"{result['phases']} x T inner steps, so task-inner-steps/s = "
          f"{result['phases']} T x tasks/s. Loop implementations (marked *) time at most "
          f"{opts['loop_cap']} tasks per step and report that per-task throughput for "
-         "bigger batches (their cost is linear in tasks). With sampled pairs the PyTorch "
+         "bigger batches (their cost is linear in tasks). PyTorch cases run up to "
+         f"{opts.get('torch_max_tasks') or 'every'} tasks per step (— above). With sampled "
+         "pairs the PyTorch "
          "references take the JAX step's draws, made outside their timed work.", ""]
   if not str(result["torch"])[:1].isdigit():
     out += [f"PyTorch cases: {result['torch']}.", ""]
