@@ -42,6 +42,7 @@ _FORCE = flags.DEFINE_bool("force", False, "Rerun finished runs.")
 WORLDS = {"100k": (604, 371), "1m": (6040, 3706), "10m": (60400, 37060)}
 ROWS_PER_ITEM = 1_000_209 / 3706  # ML-1M's mean
 STAGES = ("data", "pretrain", "fit", "evaluation")
+FINDINGS = "## Findings"
 # Modest settings: one pretraining epoch, one meta-epoch, a short alignment.
 SETTINGS = {"seeds": 1, "optim.epochs": 1, "meta.epochs": 1, "align.steps": 200,
             "eval.curves": False}
@@ -229,7 +230,11 @@ def write_report(out: pathlib.Path, runs: list[dict]) -> None:
   lines += ["", "AUC (sanity, one seed): " + "; ".join(
       f"{r['method']} {r['size']} test " + "/".join(
           f"{v:.3f}" for v in r["metrics"]["auc"].values()) for r in runs), ""]
-  (out / "scale.md").write_text("\n".join(lines))
+  # A hand-written findings section below the tables survives a rewrite.
+  md = out / "scale.md"
+  old = md.read_text() if md.exists() else ""
+  notes = old[old.index(FINDINGS):] if FINDINGS in old else ""
+  md.write_text("\n".join(lines) + ("\n" + notes if notes else ""))
 
 
 def main(argv):
