@@ -114,7 +114,12 @@ def markdown(result: dict) -> str:
   out = ["# Meta-training speed: EmerFlow (JAX) vs per-task loops and PyTorch", "",
          f"**Device: {dev}** (all numbers below; jax {result['info']['jax']}, "
          f"torch {result['torch']}). 1-minute load average during the run: "
-         f"{min(loads):.1f}–{max(loads):.1f}.", "",
+         f"{min(loads):.1f}–{max(loads):.1f}" + (
+             f", above the {result['info']['cores']} cores: the machine was shared with "
+             "other jobs, so absolute rates are noisy (the implementations ran side by "
+             "side in one process, under the same load; rerun on a quiet machine for "
+             "final absolute numbers)." if max(loads) > result["info"]["cores"] else "."),
+         "",
          f"World: ML-1M-like synthetic data ({sh['n_users']} users, {sh['n_items']} "
          f"items, 9 fields incl. title-word and genre sequences, {sh['text_dim']}-d text "
          "vectors); DeepFM d = 16, MLP (16, 16); float32. **The timed step is the "
@@ -212,7 +217,9 @@ def markdown(result: dict) -> str:
     out += ["", f"## What limits jax_vmap_jit on {dev}", ""] + _limits_text(
         result["profile"], result)
   if result.get("e2e"):
-    out += ["", "## End to end (ML-100K runs, seconds per seed from their results.json)", "",
+    out += ["", "## End to end (seconds per seed, from each run's results.json)", "",
+            "Measured by those runs, not by this benchmark: on a shared machine, compare "
+            "only runs that ran at the same time.", "",
             "| run | method | backbone | seeds | pretrain s | method s | total s |",
             "|---|---|---|---|---|---|---|"]
     for e in result["e2e"]:
