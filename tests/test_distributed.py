@@ -31,7 +31,7 @@ PHASE = 1  # warm_b's step size (phase_alpha learns one per phase)
 def _checks(workdir: str, out_file: str) -> None:
   """Runs in every child: meta-training and the warm-up over all devices."""
   # pylint: disable=g-import-not-at-top
-  joined = sharding.maybe_initialize_distributed(timeout_s=60)
+  joined = sharding.maybe_initialize_distributed(timeout_s=300)
   import jax
   import jax.numpy as jnp
   from emerflow_jax import emerflow, meta, methods, protocol, tasks, warmup
