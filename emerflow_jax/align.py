@@ -495,7 +495,8 @@ def diagnostics(kind: str, r: np.ndarray, e: np.ndarray, items: np.ndarray,
   Returns:
     {"kind", "shrink", "folds", "n_items", "n_rows", "heldout_fvu",
     "heldout_fvu_shrunk", "heldout_auc" (the map), "heldout_auc_shrunk",
-    "heldout_auc_mean" (mean embedding), "heldout_auc_own" (the items'
+    "heldout_auc_mean" (mean embedding), "heldout_auc_zero" (a zero
+    embedding, about base's N(0, 0.01^2) start), "heldout_auc_own" (the items'
     own pretrained embeddings, an in-sample ceiling)}; the *_shrunk entries
     equal the map's when shrink is "none".
   """
@@ -528,4 +529,5 @@ def diagnostics(kind: str, r: np.ndarray, e: np.ndarray, items: np.ndarray,
           "n_rows": int(len(labels)), "heldout_fvu": fvu(jnp.asarray(pred), e),
           "heldout_fvu_shrunk": fvu(jnp.asarray(shrunk), e),
           "heldout_auc": auc(pred), "heldout_auc_shrunk": auc(shrunk),
-          "heldout_auc_mean": auc(mean), "heldout_auc_own": auc(e)}
+          "heldout_auc_mean": auc(mean), "heldout_auc_zero": auc(np.zeros(e.shape)),
+          "heldout_auc_own": auc(e)}

@@ -447,6 +447,9 @@ class EmerFlow(methods.Method):
         d = align.diagnostics(kind, x[items], e, items, ctx.model, ctx.params, ctx.tables,
                               rows, key, folds, shrink, **opts)
         logging.info("align[%s]: diagnostics %s", name, d)
+      with checkpoint.Checkpointer(ctx.stage_dir(name, ALIGN_SECTIONS, salt=salt)) as ckpt:
+        if ckpt.latest_step() is None:  # refit on resume (seconds, deterministic)
+          ckpt.save(1, phi)  # the run's record of the fitted map
       return phi
     return align.train_mapper(
         mapper, ctx.model, ctx.params, ctx.tables, r, side, items, rows,

@@ -59,8 +59,8 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.align.batch_rows = 1024       # old-item rows per BCE minibatch
   c.align.weight_decay = 1e-4     # AdamW decay of the mapper
   c.align.holdout = 0.2           # old items held out of the MSE term for early stopping
-  c.align.kind = "mlp"            # mlp (g_phi above) | ridge | lowrank (reduced-rank ridge) | knn (text neighbours)
-  c.align.shrink = "none"         # prior toward the old-item mean: none | global (one factor) | gate (per item); closed-form kinds
+  c.align.kind = "lowrank"        # mlp (g_phi above) | ridge | lowrank (reduced-rank ridge) | knn (text neighbours); lowrank: validation AUC at cold, ML-100K and repoDB
+  c.align.shrink = "none"         # prior toward the old-item mean: none | global (one factor) | gate (per item); closed-form kinds (validation could not separate them)
   c.align.folds = 5               # k-fold CV over old items (closed forms' hyperparameters, the prior)
   c.align.ridge_lambda = 0.0      # ridge|lowrank penalty (0 -> chosen by CV)
   c.align.rank = 0                # lowrank rank (0 -> chosen by CV)
