@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from emerflow_jax import checkpoint, metrics, prior
+from emerflow_jax import checkpoint, metrics, pretrain, prior
 from emerflow_jax.models import backbones
 
 KINDS = ("mlp", "ridge", "lowrank", "knn")
@@ -207,9 +207,7 @@ def train_mapper(mapper: Mapper, model: backbones.Backbone, params: Any,
     (loss, aux), grads = jax.value_and_grad(align_loss, has_aux=True)(
         state["params"], mapper, model, params, tables, r, side, targets,
         target_var, batch, lam)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return dict(state, params=optax.apply_updates(state["params"], updates),
-                opt_state=opt_state, step=state["step"] + 1), dict(aux, loss=loss)
+    return pretrain.apply_gradients(state, grads, tx), dict(aux, loss=loss)
 
   @jax.jit
   def keep_best(state):

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from emerflow_jax import align, sharding, warmup
+from emerflow_jax import align, pretrain, sharding, warmup
 from emerflow_jax.models import backbones
 
 
@@ -453,9 +453,7 @@ def make_train_step(model: backbones.Backbone, mapper: align.Mapper | None,
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     (loss, aux), grads = jax.value_and_grad(batch_loss, has_aux=True)(
         state["params"], model, mapper, cfg, frozen, batch, key)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    state = dict(state, params=optax.apply_updates(state["params"], updates),
-                 opt_state=opt_state, step=state["step"] + 1)
+    state = pretrain.apply_gradients(state, grads, tx)
     return state, dict(aux, loss=loss)
 
   if mesh is None:

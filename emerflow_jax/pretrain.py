@@ -47,6 +47,22 @@ def init_state(params: Any, tx: optax.GradientTransformation, key: jax.Array) ->
           "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(key)}
 
 
+def apply_gradients(state: State, grads: Any, tx: optax.GradientTransformation) -> State:
+  """One optimizer step on a ``{"params", "opt_state", "step", ...}`` train state.
+
+  Args:
+    state: the train state (other keys pass through).
+    grads: gradients, shaped like ``state["params"]``.
+    tx: the optimizer ``state["opt_state"]`` belongs to.
+
+  Returns:
+    The state after the step, ``step`` incremented.
+  """
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  return dict(state, params=optax.apply_updates(state["params"], updates),
+              opt_state=opt_state, step=state["step"] + 1)
+
+
 def make_epoch_fn(model: backbones.Backbone, tx: optax.GradientTransformation,
                   tables: backbones.Tables, batch_size: int,
                   item_dropout: float = 0.0, mesh: jax.sharding.Mesh | None = None
@@ -95,9 +111,7 @@ def make_epoch_fn(model: backbones.Backbone, tx: optax.GradientTransformation,
       loss, grads = jax.value_and_grad(loss_fn)(
           st["params"], tables, split(users[idx]), split(items[idx]),
           split(labels[idx]), k)
-      updates, opt_state = tx.update(grads, st["opt_state"], st["params"])
-      st = dict(st, params=optax.apply_updates(st["params"], updates),
-                opt_state=opt_state, step=st["step"] + 1)
+      st = apply_gradients(st, grads, tx)
       return st, loss
 
     return jax.lax.scan(step, state, (perm, jnp.arange(n_batches)))

@@ -182,9 +182,7 @@ def make_epoch_fn(gen: GraphGenerator, model: emerg_gnn.EmerGGNN,
       loss, grads = jax.value_and_grad(meta_loss, argnums=1)(
           gen, st["params"], model, params, tables, batch, id_key, inner_lr, beta,
           first_order)
-      updates, opt_state = tx.update(grads, st["opt_state"], st["params"])
-      st = dict(st, params=optax.apply_updates(st["params"], updates),
-                opt_state=opt_state, step=st["step"] + 1)
+      st = pretrain.apply_gradients(st, grads, tx)
       return st, loss
 
     return jax.lax.scan(step, state, stacked)

@@ -184,9 +184,7 @@ def make_epoch_fn(gen: GMEA, model: backbones.Backbone, tx: optax.GradientTransf
     def step(st, batch):
       loss, grads = jax.value_and_grad(batch_loss)(st["params"], params, tables, nbrs,
                                                    batch)
-      updates, opt_state = tx.update(grads, st["opt_state"], st["params"])
-      return dict(st, params=optax.apply_updates(st["params"], updates),
-                  opt_state=opt_state, step=st["step"] + 1), loss
+      return pretrain.apply_gradients(st, grads, tx), loss
 
     return jax.lax.scan(step, state, stacked)
 

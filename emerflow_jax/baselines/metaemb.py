@@ -212,9 +212,7 @@ def make_epoch_fn(gen: nn.Module, model: backbones.Backbone,
     def step(st, batch):
       loss, grads = jax.value_and_grad(meta_loss, argnums=1)(
           gen, st["params"], model, params, tables, batch, inner_lr, alpha)
-      updates, opt_state = tx.update(grads, st["opt_state"], st["params"])
-      st = dict(st, params=optax.apply_updates(st["params"], updates),
-                opt_state=opt_state, step=st["step"] + 1)
+      st = pretrain.apply_gradients(st, grads, tx)
       return st, loss
 
     return jax.lax.scan(step, state, stacked)
