@@ -318,16 +318,23 @@ class EmerFlow(methods.Method):
     return methods.Plan(backbones=tuple(specs),
                         vectors=source if self.use_align else None,
                         sections=("enrich", "align", "meta", "regen"),
-                        search_space=self.search_space())
+                        search_space=self.search_space(config))
 
-  def search_space(self) -> dict[str, Any]:
-    """The rule's and the alignment's settings (the warm-up is the rule's)."""
+  def search_space(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The rule's and the alignment's settings (the warm-up is the rule's).
+
+    Only settings that act under ``config`` are searched: the mapper's loss
+    weight and decay for ``align.kind=mlp``; otherwise the closed-form kind
+    itself (each fits its own penalty, rank or neighbours by CV on old items).
+    """
     from emerflow_jax import space  # pylint: disable=g-import-not-at-top
-    out = {"align.lam": space.Float(0.01, 1.0, log=True),
-           "align.weight_decay": space.Float(1e-5, 1e-2, log=True)}
-    if not self.use_align:
-      out = {}
+    out = {}
     if self.use_align:
+      if config.align.kind == "mlp":
+        out.update({"align.lam": space.Float(0.01, 1.0, log=True),
+                    "align.weight_decay": space.Float(1e-5, 1e-2, log=True)})
+      else:
+        out["align.kind"] = space.Categorical(("lowrank", "ridge", "knn"))
       out.update({f"regen.keep_{p}": space.Float(0.5, 1.0) for p in "abc"})
     if self.use_meta:
       out.update({"meta.alpha": space.Float(3e-3, 3e-2, log=True),
