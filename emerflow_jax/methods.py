@@ -203,8 +203,13 @@ class Method:
   harness carries it out and calls ``fit(ctx)`` once per seed, then
   ``cold`` and ``refine`` per item set (validation holdout, emerging items).
   ``phase`` in ``refine`` is the warm phase's index (0 = warm_a).
+
+  ``backbone_kinds`` names the backbones (``config.backbone``) the method can
+  score with, or is None for any; a comparison whose grid has none of them
+  runs the method once on the first.
   """
   name = "method"
+  backbone_kinds: tuple[str, ...] | None = None
 
   def plan(self, config: ml_collections.ConfigDict) -> Plan:
     """What the harness must provide; also validates the method's options."""

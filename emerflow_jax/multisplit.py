@@ -11,9 +11,11 @@ with its own validation holdout, and optionally equal-budget tuning), into::
   <workdir>/<split>/comparison.{md,json,png} one table per split, with intervals
   <workdir>/summary.{md,json}               wins/ties/losses over splits
 
-Every baseline is compared with EmerFlow (``compare.REFERENCE``) on the same
+Every baseline is compared with EmerFlow (``report.REFERENCE``) on the same
 backbone, per phase, by ``stats.paired_interval``; a win or a loss needs an
-interval that excludes zero, anything else is a tie.
+interval that excludes zero, anything else is a tie.  A baseline that ran only
+on its own backbone (``compare.grid_cells``) is paired with EmerFlow on every
+grid backbone, over the same test rows, and named ``method (backbone)``.
 """
 
 from __future__ import annotations
@@ -28,21 +30,33 @@ from typing import Callable, Sequence
 
 import ml_collections
 
-from emerflow_jax import compare, results, stats, sweep, tune
+from emerflow_jax import compare, report, results, stats, sweep, tune
 
 OUTCOMES = ("win", "tie", "loss")
 
 
-def load_splits(config_path: str) -> list[dict] | None:
-  """``get_splits(arg)`` of a config file (``path.py[:arg]``), or None if absent."""
+def _config_module(config_path: str):
+  """(the module, its argument or None) of a config file ``path.py[:arg]``."""
   path, _, arg = config_path.partition(":")
-  spec = importlib.util.spec_from_file_location("_splits_config", path)
+  spec = importlib.util.spec_from_file_location("_compare_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module, arg or None
+
+
+def load_default(config_path: str) -> tuple[ml_collections.ConfigDict, str | None]:
+  """(``get_config(arg)`` of a config file ``path.py[:arg]``, arg), no overrides."""
+  module, arg = _config_module(config_path)
+  return module.get_config(arg), arg
+
+
+def load_splits(config_path: str) -> list[dict] | None:
+  """``get_splits(arg)`` of a config file (``path.py[:arg]``), or None if absent."""
+  module, arg = _config_module(config_path)
   fn = getattr(module, "get_splits", None)
   if fn is None:
     return None
-  return list(fn(arg or None) if inspect.signature(fn).parameters else fn())
+  return list(fn(arg) if inspect.signature(fn).parameters else fn())
 
 
 def parse_splits(text: str) -> list[dict]:
@@ -54,6 +68,9 @@ def interval_rows(grid: dict, workdir: pathlib.Path, n_boot: int, level: float,
                   seed: int = 0) -> list[dict]:
   """EmerFlow minus every other method on each backbone, per phase.
 
+  Own-backbone runs are paired with EmerFlow on every grid backbone
+  (``report.by_backbone``).
+
   Args:
     grid: ``compare.run_grid``'s output.
     workdir: the split's folder (runs in ``compare.run_dir``).
@@ -62,29 +79,28 @@ def interval_rows(grid: dict, workdir: pathlib.Path, n_boot: int, level: float,
     seed: the bootstrap seed.
 
   Returns:
-    [{"backbone", "method", "phases": {phase: stats.paired_interval entry}}];
-    a pair without predictions on disk gets "error" instead of "phases".
+    [{"backbone", "method" (``report.shown``), "phases": {phase:
+    stats.paired_interval entry}}]; a pair without predictions on disk gets
+    "error" instead of "phases".
   """
-  runs = grid["runs"]
   out = []
-  for ref in (r for r in runs if r.get("label", r["method"]) == compare.REFERENCE):
-    for other in runs:
-      name = other.get("label", other["method"])
-      if other["backbone"] != ref["backbone"] or name == compare.REFERENCE:
-        continue
-      row = {"backbone": ref["backbone"], "method": name}
-      seeds = [s for s in ref["seeds"] if s in other["seeds"]]
-      try:
-        a = stats.load_predictions(
-            compare.run_dir(workdir, compare.REFERENCE, ref["backbone"]), seeds)
-        b = stats.load_predictions(compare.run_dir(workdir, name, other["backbone"]),
-                                   seeds)
-        row["phases"] = stats.paired_interval(a, b, n_boot=n_boot, level=level,
-                                              seed=seed)
-        row["seeds"] = seeds
-      except (FileNotFoundError, ValueError) as e:
-        row["error"] = f"{type(e).__name__}: {e}"
-      out.append(row)
+  for backbone, group in report.by_backbone(grid["runs"]):
+    for ref in (r for r in group if report.method_of(r) == report.REFERENCE):
+      for other in (r for r in group if report.method_of(r) != report.REFERENCE):
+        row = {"backbone": backbone, "method": report.shown(other)}
+        seeds = [s for s in ref["seeds"] if s in other["seeds"]]
+        try:
+          a = stats.load_predictions(
+              compare.run_dir(workdir, report.REFERENCE, backbone), seeds)
+          b = stats.load_predictions(
+              compare.run_dir(workdir, report.method_of(other), other["backbone"]),
+              seeds)
+          row["phases"] = stats.paired_interval(a, b, n_boot=n_boot, level=level,
+                                                seed=seed)
+          row["seeds"] = seeds
+        except (FileNotFoundError, ValueError) as e:
+          row["error"] = f"{type(e).__name__}: {e}"
+        out.append(row)
   return out
 
 
@@ -101,11 +117,11 @@ def interval_table(rows: list[dict], level: float) -> str:
   lines = [f"EmerFlow minus each baseline, test AUC: mean paired difference over seeds "
            f"[{level:.0%} bootstrap interval over test items]; bold where the "
            "interval excludes zero.", "",
-           "| backbone | baseline | " + " | ".join(compare.PHASES) + " |",
-           "|---|---|" + "---:|" * len(compare.PHASES)]
+           "| backbone | baseline | " + " | ".join(report.PHASES) + " |",
+           "|---|---|" + "---:|" * len(report.PHASES)]
   for r in rows:
-    cells = ([stats.format_diff(r["phases"][p]) for p in compare.PHASES] if "phases" in r
-             else [r["error"][:60]] + ["-"] * (len(compare.PHASES) - 1))
+    cells = ([stats.format_diff(r["phases"][p]) for p in report.PHASES] if "phases" in r
+             else [r["error"][:60]] + ["-"] * (len(report.PHASES) - 1))
     lines.append(f"| {r['backbone']} | {r['method']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -118,23 +134,31 @@ def tally(per_split: dict[str, list[dict]]) -> list[dict]:
       if "phases" not in r:
         continue
       entry = counts.setdefault((r["backbone"], r["method"]), {
-          p: dict.fromkeys(OUTCOMES, 0) for p in compare.PHASES})
-      for p in compare.PHASES:
+          p: dict.fromkeys(OUTCOMES, 0) for p in report.PHASES})
+      for p in report.PHASES:
         entry[p][r["phases"][p]["outcome"]] += 1
   return [{"backbone": b, "method": m, "phases": v} for (b, m), v in counts.items()]
 
 
-def summary_markdown(summary: dict) -> str:
-  """summary.md: the tally, then where each split's tables are."""
-  lines = [f"# {summary['dataset']}: EmerFlow against each baseline over "
+def summary_markdown(summary: dict, title: str | None = None) -> str:
+  """summary.md: the tally, then where each split's tables are.
+
+  Args:
+    summary: ``run_splits``'s summary.json dict.
+    title: what the title names (default: the dataset).
+
+  Returns:
+    The Markdown text.
+  """
+  lines = [f"# {title or summary['dataset']}: EmerFlow against each baseline over "
            f"{len(summary['splits'])} splits", "",
            "Wins/ties/losses of EmerFlow per phase, counted over splits; a win or a "
            f"loss needs the {summary['level']:.0%} paired bootstrap interval of the "
            "test-AUC difference to exclude zero.", "",
-           "| backbone | baseline | " + " | ".join(compare.PHASES) + " |",
-           "|---|---|" + "---|" * len(compare.PHASES)]
+           "| backbone | baseline | " + " | ".join(report.PHASES) + " |",
+           "|---|---|" + "---|" * len(report.PHASES)]
   for t in summary["tally"]:
-    cells = ["/".join(str(t["phases"][p][o]) for o in OUTCOMES) for p in compare.PHASES]
+    cells = ["/".join(str(t["phases"][p][o]) for o in OUTCOMES) for p in report.PHASES]
     lines.append(f"| {t['backbone']} | {t['method']} | " + " | ".join(cells) + " |")
   tuned = (f"each method tuned with {summary['tune_trials']} Optuna trials on the "
            "validation holdout" if summary["tune_trials"] else "no tuning")
@@ -142,6 +166,10 @@ def summary_markdown(summary: dict) -> str:
   for s in summary["splits"]:
     failed = f", {len(s['failed'])} failed run(s)" if s["failed"] else ""
     lines.append(f"- `{s['name']}` {s['overrides']}: `{s['name']}/comparison.md`{failed}")
+  not_run = {f"{u['method']} with {u['backbone']} ({u['reason']})"
+             for s in summary["splits"] for u in s.get("unsupported", [])}
+  if not_run:
+    lines += ["", "Not run (unsupported backbone): " + "; ".join(sorted(not_run)) + "."]
   return "\n".join(lines) + "\n"
 
 
@@ -186,24 +214,24 @@ def run_splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     rows = interval_rows(grid, sdir, n_boot, level) if grid["runs"] else []
     per_split[name] = rows
     if grid["runs"]:
-      summary = compare.write_comparison(sdir, grid)
+      summary = report.write_comparison(sdir, grid)
       dataset = summary["dataset"] or dataset
       summary["intervals"] = rows
       results.write_json_atomic(sdir / "comparison.json", summary)
       with open(sdir / "comparison.md", "a") as f:
         f.write(f"\n## Paired intervals\n\n{interval_table(rows, level)}\n")
     records.append({"name": name, "overrides": overrides, "failed": grid["failed"],
-                    "runs": len(grid["runs"])})
+                    "unsupported": grid["unsupported"], "runs": len(grid["runs"])})
   summary = {"dataset": dataset, "splits": records, "tally": tally(per_split),
              "intervals": per_split, "level": level, "n_boot": n_boot,
              "tune_trials": tune_trials, "seconds": t_total}
   results.write_json_atomic(workdir / "summary.json", summary)
-  (workdir / "summary.md").write_text(summary_markdown(summary))
+  report.write_text_atomic(workdir / "summary.md", summary_markdown(summary))
   return summary
 
 
 def results_section(summary: dict, workdir: str | os.PathLike, command: str,
-                    commit: str) -> str:
+                    commit: str, label: str | None = None) -> str:
   """RESULTS.md section of a multi-split comparison: the tally, then each split.
 
   Args:
@@ -211,13 +239,14 @@ def results_section(summary: dict, workdir: str | os.PathLike, command: str,
     workdir: the grid's folder (each split's comparison.md is read from it).
     command: the command line that produced it (quoted in the section).
     commit: the code version it was produced at.
+    label: the section's name in its title (default: the dataset).
 
   Returns:
     The Markdown section: a second-level title, then a third-level heading
     per split over that split's comparison.md.
   """
   workdir = pathlib.Path(workdir)
-  head, rest = summary_markdown(summary).split("\n", 1)
+  head, rest = summary_markdown(summary, title=label).split("\n", 1)
   parts = ["#" + head, "", f"Written by `{command}` at commit `{commit}`.", rest]
   for s in summary["splits"]:
     md = workdir / s["name"] / "comparison.md"

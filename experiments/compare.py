@@ -6,8 +6,12 @@ r"""Runs every method x backbone x seed on one dataset and writes the comparison
       --backbones=deepfm,widedeep --seeds=3 --results_md=RESULTS.md
 
 Writes <workdir>/comparison.md, comparison.json and comparison.png; with
---results_md, also (re)writes this dataset's section of that file, stamped with
-the command and the git commit.  Re-running skips finished runs, and the
+--results_md, also (re)writes this comparison's section of that file, stamped
+with the command and the git commit.  A section is keyed by the dataset and
+what the config changes from the config file's default (e.g. ``disgenet
+(data.options.neg_sampling=degree)``), or by ``--section=NAME``.  A method tied
+to one backbone (emerg: emerg_gnn) runs only there, and beside every grid
+backbone in the tables when the grid lacks it.  Re-running skips finished runs, and the
 backbone cache in <workdir>/backbones is shared by all methods.
 
 The reviewer-grade comparison (DESIGN §10) adds a grid of splits, equal-budget
@@ -32,7 +36,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emerflow_jax import compare, logs, multisplit, sharding
+from emerflow_jax import compare, logs, multisplit, report, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Dataset config file.",
                                           lock_config=True)
@@ -43,7 +47,10 @@ _METHODS = flags.DEFINE_list("methods", "base,dropoutnet,metaemb,mwuf,cvar,emerf
 _BACKBONES = flags.DEFINE_list("backbones", "deepfm,widedeep", "Backbones.")
 _SEEDS = flags.DEFINE_integer("seeds", None, "Seeds per run (default: config.seeds).")
 _RESULTS_MD = flags.DEFINE_string("results_md", "",
-                                  "Also write this dataset's section of this file.")
+                                  "Also write this comparison's section of this file.")
+_SECTION = flags.DEFINE_string("section", "", "Name (key and title) of the RESULTS.md "
+                               "section; default: the dataset and the config's changes "
+                               "from the config file's default.")
 _SPLITS = flags.DEFINE_string("splits", "", "'config' (get_splits() of the config file) "
                               "or 'data.n_max=80,100;data.k=5,10'; empty: the config's "
                               "one split.")
@@ -89,6 +96,15 @@ def _commit() -> str:
   return f"{head} + uncommitted {', '.join(changed[:3])}{more}"
 
 
+def _section_label(config) -> str:
+  """--section, or the dataset with what the command line changed in its config."""
+  if _SECTION.value:
+    return _SECTION.value
+  default, arg = multisplit.load_default(
+      config_flags.get_config_filename(flags.FLAGS["config"]))
+  return report.section_label(config, default, arg)
+
+
 def main(argv):
   del argv
   sharding.maybe_initialize_distributed(
@@ -105,12 +121,13 @@ def main(argv):
                           seeds, commit=commit)
   if not grid["runs"]:
     raise app.UsageError(f"no run finished: {grid['failed']}")
-  summary = compare.write_comparison(_WORKDIR.value, grid)
+  summary = report.write_comparison(_WORKDIR.value, grid)
   logging.info("wrote %s", os.path.join(_WORKDIR.value, "comparison.md"))
   if _RESULTS_MD.value:
-    section = compare.results_section(summary, command, commit)
-    compare.update_results_md(_RESULTS_MD.value, summary["dataset"], section)
-    logging.info("updated the %s section of %s", summary["dataset"], _RESULTS_MD.value)
+    label = _section_label(config)
+    section = report.results_section(summary, command, commit, label)
+    report.update_results_md(_RESULTS_MD.value, label, section)
+    logging.info("updated the %r section of %s", label, _RESULTS_MD.value)
   if grid["failed"]:
     logging.warning("%d run(s) failed: %s", len(grid["failed"]),
                     [f"{f['method']}_{f['backbone']}" for f in grid["failed"]])
@@ -133,8 +150,10 @@ def _main_splits(config, seeds, command, commit):
                                   commit=commit)
   logging.info("wrote %s", os.path.join(_WORKDIR.value, "summary.md"))
   if _RESULTS_MD.value:
-    section = multisplit.results_section(summary, _WORKDIR.value, command, commit)
-    compare.update_results_md(_RESULTS_MD.value, summary["dataset"], section)
+    label = _section_label(config)
+    section = multisplit.results_section(summary, _WORKDIR.value, command, commit, label)
+    report.update_results_md(_RESULTS_MD.value, label, section)
+    logging.info("updated the %r section of %s", label, _RESULTS_MD.value)
   failed = [f for s in summary["splits"] for f in s["failed"]]
   if failed:
     logging.warning("%d run(s) failed: %s", len(failed), failed)

@@ -1,4 +1,4 @@
-"""compare: the grid skips finished runs, records failures, writes its three files."""
+"""compare: the grid skips finished runs, records failures and unsupported pairs."""
 
 import json
 import os
@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from emerflow_jax import compare
+from emerflow_jax import compare, report
 from experiments.configs import synthetic
 
-PHASES = compare.PHASES
+PHASES = report.PHASES
 
 
 def _tiny_config():
@@ -24,14 +24,13 @@ def _tiny_config():
   return c
 
 
-def _fake_run(method, backbone, aucs, seeds=(0,)):
-  """A results.json-like dict with the given per-phase mean AUCs."""
-  per = {p: [a + 0.001 * s for s in range(len(seeds))] for p, a in zip(PHASES, aucs)}
-  return {"dataset": "toy", "method": method, "backbone": backbone,
-          "seeds": list(seeds), "auc": per, "f1": per, "val_auc": per,
-          "seconds": {"pretrain": 1.0, "method": 2.0, "total": 3.0},
-          "counts": {"old_items": 1, "base_rows": 2, "emerging_items": 3,
-                     "test_rows": 4}}
+def _recorder(seen):
+  """A run_fn that records (method, backbone, source) and returns a stub result."""
+  def run(c, workdir):
+    seen.append((c.method, c.backbone, c.enrich.source))
+    os.makedirs(workdir)
+    return {"method": c.method, "backbone": c.backbone, "seeds": [0]}
+  return run
 
 
 def test_grid_runs_skips_finished_and_records_failures(tmp_path, repo_root):
@@ -53,7 +52,7 @@ def test_grid_runs_skips_finished_and_records_failures(tmp_path, repo_root):
   again = compare.run_grid(config, tmp_path, ["base", "no_such_method"], ["fm"],
                            seeds=1, run_fn=must_not_rerun)
   assert calls == ["no_such_method"]  # the finished run was read back
-  assert again["skipped"] == ["base_fm"]
+  assert again["read_back"] == ["base_fm"]
   assert again["runs"][0]["auc"] == grid["runs"][0]["auc"]
   # The run keeps the code version that produced it.
   assert again["runs"][0]["commit"] == grid["runs"][0]["commit"] == "abc1234"
@@ -64,7 +63,7 @@ def test_grid_runs_skips_finished_and_records_failures(tmp_path, repo_root):
   config.cvar.keep = 0.3
   again = compare.run_grid(config, tmp_path, ["base"], ["fm"], seeds=1,
                            run_fn=must_not_rerun)
-  assert again["skipped"] == ["base_fm"]
+  assert again["read_back"] == ["base_fm"]
 
   # A changed config must not silently reuse the old run.
   config.warmup.steps = 3
@@ -88,41 +87,12 @@ def test_grid_runs_skips_finished_and_records_failures(tmp_path, repo_root):
   summary = json.loads((tmp_path / "comparison.json").read_text())
   assert summary["runs"][0]["auc"]["cold"]["values"] == grid["runs"][0]["auc"]["cold"]
   text = results_md.read_text()
-  assert "<!-- results:synthetic:begin -->" in text and "--workdir=DIR" in text
+  # Keyed and titled by what the command line changed in the smoke config.
+  label = ("synthetic:smoke (data.k=5, data.n_max=40, data.options.mean_count=40.0, "
+           "data.options.n_items=150, data.options.n_users=100, data.val_fraction=0.2)")
+  assert f"<!-- results:{label}:begin -->" in text and "--workdir=DIR" in text
+  assert f"## {label}: emerging-item comparison" in text
   assert str(tmp_path) not in text  # no machine-specific path in RESULTS.md
-
-
-def test_tables_bold_the_best_and_list_where_a_baseline_beats_emerflow(tmp_path):
-  runs = [_fake_run("base", "deepfm", [0.70, 0.80, 0.70, 0.70], seeds=(0, 1)),
-          _fake_run("emerflow", "deepfm", [0.75, 0.75, 0.75, 0.75], seeds=(0, 1)),
-          _fake_run("base", "widedeep", [0.60, 0.60, 0.60, 0.60], seeds=(0, 1))]
-  grid = {"runs": runs, "failed": [{"method": "cvar", "backbone": "fm",
-                                    "error": "ValueError: x"}],
-          "skipped": [], "seconds": 5.0}
-  summary = compare.write_comparison(tmp_path, grid)
-  beats = [(b["backbone"], b["metric"], b["phase"], b["method"])
-           for b in summary["beats_reference"]]
-  assert beats == [("deepfm", "auc", "warm_a", "base"), ("deepfm", "f1", "warm_a", "base")]
-  md = (tmp_path / "comparison.md").read_text()
-  assert "| deepfm | emerflow | **0.7505 ± 0.0005** | 0.7505 ± 0.0005 |" in md
-  assert "| deepfm | base | 0.7005 ± 0.0005 | **0.8005 ± 0.0005** |" in md
-  # A backbone with a single method has nothing to be best against.
-  assert "| widedeep | base | 0.6005 ± 0.0005 |" in md
-  assert "| deepfm | AUC | - | base | - | - |" in md
-  assert "FAILED cvar with fm" in md
-  assert (tmp_path / "comparison.png").stat().st_size > 0
-
-
-def test_results_md_keeps_other_datasets_sections(tmp_path):
-  path = tmp_path / "RESULTS.md"
-  compare.update_results_md(path, "movielens100k", "## movielens100k\n\nold table\n")
-  compare.update_results_md(path, "disgenet", "## disgenet\n\nits table\n")
-  compare.update_results_md(path, "movielens100k", "## movielens100k\n\nnew table\n")
-  text = path.read_text()
-  assert text.startswith("# Results")
-  assert "new table" in text and "old table" not in text and "its table" in text
-  assert text.index("movielens100k") < text.index("disgenet")  # order kept
-  assert text.count("<!-- results:movielens100k:begin -->") == 1
 
 
 def test_method_source_variants_set_the_enrichment_source(tmp_path):
@@ -135,14 +105,50 @@ def test_method_source_variants_set_the_enrichment_source(tmp_path):
       config.enrich.source
   assert compare.run_dir(tmp_path, "emerflow:galkars", "fm").name == "emerflow-galkars_fm"
   seen = []
-
-  def fake(c, workdir):
-    seen.append((c.method, c.enrich.source))
-    os.makedirs(workdir)
-    return _fake_run(c.method, c.backbone, [0.5, 0.6, 0.7, 0.8])
-
   grid = compare.run_grid(config, tmp_path, ["emerflow", "emerflow:raw"], ["fm"], 1,
-                          run_fn=fake)
-  assert seen == [("emerflow", config.enrich.source), ("emerflow", "raw")]
-  assert [r["method"] for r in compare.aggregate(grid)["runs"]] == ["emerflow",
-                                                                    "emerflow:raw"]
+                          run_fn=_recorder(seen))
+  assert seen == [("emerflow", "fm", config.enrich.source), ("emerflow", "fm", "raw")]
+  assert [r["label"] for r in grid["runs"]] == ["emerflow", "emerflow:raw"]
+
+
+def test_a_method_runs_only_on_the_backbones_it_supports(tmp_path):
+  config = _tiny_config()
+  assert compare.backbone_kinds("emerg") == ("emerg_gnn",)
+  assert compare.backbone_kinds("base") is None
+  assert compare.backbone_kinds("no_such_method") is None  # its run will fail
+  seen = []
+  grid = compare.run_grid(config, tmp_path / "a", ["base", "emerg", "emerflow"],
+                          ["deepfm", "widedeep"], 1, run_fn=_recorder(seen))
+  # emerg is skipped on both grid backbones, then runs once on its own.
+  assert [(m, b) for m, b, _ in seen] == [
+      ("base", "deepfm"), ("emerflow", "deepfm"), ("base", "widedeep"),
+      ("emerflow", "widedeep"), ("emerg", "emerg_gnn")]
+  assert not grid["failed"]
+  assert [(u["method"], u["backbone"]) for u in grid["unsupported"]] == [
+      ("emerg", "deepfm"), ("emerg", "widedeep")]
+  assert "emerg_gnn" in grid["unsupported"][0]["reason"]
+  assert [r["own_backbone"] for r in grid["runs"]] == [False] * 4 + [True]
+  assert (tmp_path / "a" / "emerg_emerg_gnn").is_dir()
+
+  # With its backbone in the grid it runs there only, as an ordinary member.
+  seen.clear()
+  grid = compare.run_grid(config, tmp_path / "b", ["base", "emerg"],
+                          ["deepfm", "emerg_gnn"], 1, run_fn=_recorder(seen))
+  assert [(m, b) for m, b, _ in seen] == [("base", "deepfm"), ("base", "emerg_gnn"),
+                                          ("emerg", "emerg_gnn")]
+  assert [(u["method"], u["backbone"]) for u in grid["unsupported"]] == [
+      ("emerg", "deepfm")]
+  assert not any(r["own_backbone"] for r in grid["runs"])
+
+  # Nor is it tuned on an unsupported pair: its only trial runs on emerg_gnn.
+  tuned = []
+
+  def failing_trial(c, workdir):
+    tuned.append(c.backbone)
+    raise RuntimeError("trial failed")
+
+  grid = compare.run_grid(config, tmp_path / "c", ["emerg"], ["deepfm"], 1,
+                          run_fn=failing_trial, tune_trials=1)
+  assert set(tuned) == {"emerg_gnn"}
+  assert [(f["backbone"], f["error"][:7]) for f in grid["failed"]] == [
+      ("emerg_gnn", "tuning:")]

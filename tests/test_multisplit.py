@@ -77,6 +77,33 @@ def test_intervals_and_wins_ties_losses_over_splits(tmp_path):
   assert again["tally"] == summary["tally"]
 
 
+def test_an_own_backbone_baseline_is_paired_with_emerflow_on_every_backbone(tmp_path):
+  # emerg runs only on emerg_gnn; the grid has fm and deepfm.  EmerFlow is far
+  # ahead at cold and far behind at warm_c, on both.
+  strength = {("emerflow", 40): (3.0, 1.0, 1.0, 0.0), ("emerg", 40): (0.0, 1.0, 1.0, 3.0),
+              ("base", 40): (1.0,) * 4}
+  summary = multisplit.run_splits(_tiny_config(), tmp_path, [{"data.n_max": 40}],
+                                  ["base", "emerg", "emerflow"], ["fm", "deepfm"],
+                                  seeds=2, n_boot=200, run_fn=_fake_runner(strength))
+  (split,) = summary["splits"]
+  assert not split["failed"] and split["runs"] == 5
+  assert [(u["method"], u["backbone"]) for u in split["unsupported"]] == [
+      ("emerg", "fm"), ("emerg", "deepfm")]
+  rows = summary["intervals"][split["name"]]
+  assert [(r["backbone"], r["method"]) for r in rows] == [
+      ("fm", "base"), ("fm", "emerg (emerg_gnn)"),
+      ("deepfm", "base"), ("deepfm", "emerg (emerg_gnn)")]
+  for r in rows[1::2]:  # read from emerg_emerg_gnn/, over the same seeds and rows
+    assert r["seeds"] == [0, 1]
+    assert r["phases"]["cold"]["outcome"] == "win"
+    assert r["phases"]["warm_c"]["outcome"] == "loss"
+  md = (tmp_path / split["name"] / "comparison.md").read_text()
+  assert "| deepfm | emerg (emerg_gnn) | **+" in md
+  text = (tmp_path / "summary.md").read_text()
+  assert "| fm | emerg (emerg_gnn) | 1/0/0 |" in text
+  assert "Not run (unsupported backbone): emerg with deepfm (runs only on emerg_gnn)" in text
+
+
 def test_splits_come_from_configs_or_a_grid_string():
   assert multisplit.parse_splits("data.n_max=80,100;data.k=5") == [
       {"data.n_max": "80", "data.k": "5"}, {"data.n_max": "100", "data.k": "5"}]

@@ -236,6 +236,7 @@ def warm_items(model: emerg_gnn.EmerGGNN, params: Any, tables: backbones.Tables,
 class EmerG(methods.Method):
   """Hypernetwork graphs + ID embedding on the emerg_gnn backbone."""
   name = "emerg"
+  backbone_kinds = (emerg_gnn.KIND,)
 
   def plan(self, config: ml_collections.ConfigDict) -> methods.Plan:
     if config.backbone != emerg_gnn.KIND:
