@@ -108,7 +108,9 @@ def test_splits_come_from_configs_or_a_grid_string():
   assert multisplit.parse_splits("data.n_max=80,100;data.k=5") == [
       {"data.n_max": "80", "data.k": "5"}, {"data.n_max": "100", "data.k": "5"}]
   ml = multisplit.load_splits("experiments/configs/movielens100k.py")
-  assert len(ml) == 6 and {"data.n_max": 120, "data.k": 5} in ml
+  assert ml == [{"data.n_max": 100, "data.k": 10}, {"data.n_max": 80, "data.k": 5}]
+  wide = multisplit.load_splits("experiments/configs/movielens100k.py:wide")
+  assert len(wide) == 6 and {"data.n_max": 120, "data.k": 5} in wide
   assert len(multisplit.load_splits("experiments/configs/movielens100k.py:smoke")) == 2
 
 

@@ -46,6 +46,11 @@ def get_config(arg=None):
 
 
 def get_splits(arg=None):
-  """The protocol grid of the multi-split comparison (``--splits=config``)."""
-  del arg
-  return [{"data.n_max": n, "data.k": k} for n in (80, 100) for k in (6, 9)]
+  """The protocol grid of the multi-split comparison (``--splits=config``).
+
+  The default split (N=100, K=9) and N=80, K=7 (K stays odd: rows come in
+  positive/negative pairs); ``:wide`` is N in {80, 100} x K in {7, 9}.
+  """
+  if arg == "wide":
+    return [{"data.n_max": n, "data.k": k} for n in (80, 100) for k in (7, 9)]
+  return [{"data.n_max": 100, "data.k": 9}, {"data.n_max": 80, "data.k": 7}]

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The reviewer-grade comparison (DESIGN §10): every method, tuned with the
+# same Optuna budget on the validation holdout of old items, on every split a
+# dataset's config declares (get_splits()), 5 test seeds, paired bootstrap
+# intervals of EmerFlow minus each baseline, wins/ties/losses over splits.
+# Each setting writes its own RESULTS.md section.
+#
+#   scripts/grid.sh [WORKDIR] [SETTING ...]
+#
+# WORKDIR defaults to runs/grid; SETTINGs (default: all, smallest first) are
+# clinical_trials repodb movielens100k disgenet disgenet_degree.  Sized for
+# about two hours on 2 CPU cores; everything is resumable: a killed grid
+# rerun with the same arguments reads back finished trials, runs and seeds.
+# TRIALS (default 4) and SEEDS (default 5) override the budget; on a GPU
+# machine it runs unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${1:-runs/grid}
+shift || true
+SETTINGS=${*:-clinical_trials repodb movielens100k disgenet disgenet_degree}
+export EMERFLOW_DATA_DIR=${EMERFLOW_DATA_DIR:-../shared/data}
+TRIALS=${TRIALS:-4}
+SEEDS=${SEEDS:-5}
+METHODS=base,dropoutnet,metaemb,mwuf,cvar,gme,emerg,emerflow
+
+for s in $SETTINGS; do
+  extra=() backbones=deepfm config=$s
+  case $s in
+    movielens100k) backbones=deepfm,widedeep ;;
+    disgenet_degree) config=disgenet extra=(--config.data.options.neg_sampling=degree) ;;
+  esac
+  start=$(date +%s)
+  "$PY" -m experiments.compare --config="experiments/configs/$config.py" \
+    --workdir="$OUT/$s" --methods=$METHODS --backbones=$backbones \
+    --seeds="$SEEDS" --splits=config --tune="$TRIALS" --results_md=RESULTS.md \
+    "${extra[@]}"
+  echo "grid: $s took $(( $(date +%s) - start )) s"
+done
