@@ -102,11 +102,14 @@ class Pretrained:
     split: the split it was pretrained on (``split.old_items``).
     held: old items left out of its pretraining ([m] ids; empty if none).
     key: its cache key (stage artifacts built on it include this key).
+    seconds: the wall time its pretraining took, whichever run paid it (a
+      backbone read from the cache keeps the time it was built in).
   """
   params: Any
   split: protocol.Split
   held: np.ndarray
   key: str
+  seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -197,16 +197,23 @@ def markdown(summary: dict, level: int = 1, title: str | None = None) -> str:
     md += [f"{h}# Where a baseline beats {REFERENCE}", "",
            beats_table(summary["beats_reference"], rows), ""]
   md += [f"{h}# Wall time (seconds, summed over seeds)", "",
-         "| backbone | method | pretrain | method | pretrain + method | code |",
-         "|---|---|---:|---:|---:|---|"]
+         "| backbone | method | pretrain | method | pretrain + method | "
+         "per seed, own backbones | code |",
+         "|---|---|---:|---:|---:|---:|---|"]
   for r in rows:
     s = r["seconds"]
+    own = (f"{(s['backbones'] + s['method']) / len(r['seeds']):.1f}"
+           if "backbones" in s and r["seeds"] else "-")
     md.append(f"| {r['backbone']} | {r['method']} | {s['pretrain']:.0f} | "
-              f"{s['method']:.0f} | {s['pretrain'] + s['method']:.0f} | {r['commit']} |")
+              f"{s['method']:.0f} | {s['pretrain'] + s['method']:.0f} | {own} | "
+              f"{r['commit']} |")
   md += ["", "Each seed's time is measured when it ran and kept when a run resumes. "
          "The backbone cache is shared by the grid, so only the first run to need a "
          "backbone pays for its pretraining, and programs compiled by earlier runs "
-         "make later ones cheaper. \"code\" is the commit each run was produced at. "
+         "make later ones cheaper. \"per seed, own backbones\" is what one seed of "
+         "the method costs on its own: the pretraining time of every backbone it "
+         "uses (recorded when the backbone was built, whichever run paid it) plus "
+         "its method time. \"code\" is the commit each run was produced at. "
          f"Grid wall time of the last invocation: {summary['grid_seconds']:.0f} s "
          f"({len(summary['read_back'])} finished run(s) read back).", ""]
   for u in summary["unsupported"]:

@@ -90,16 +90,46 @@ def execute_plan(config: ml_collections.ConfigDict, ds, split: protocol.Split,
     key = backbone_key(config, seed, spec, None if parent is None else parent.key)
     ckpt_dir = backbone_dir(config, workdir, key, seed)
     with cache.locked(ckpt_dir):
+      epochs_run = []
+      def log(msg: str) -> None:
+        if msg.startswith("pretrain: epoch"):
+          epochs_run.append(msg)
+        logging.info(msg)
+      t = time.time()
       params = pretrain.pretrain_backbone(
           model, tables, tasks.pack_flat(ds, own.base_rows), k_pre,
           epochs=config.optim.epochs, batch_size=config.optim.batch_size,
           lr=config.optim.lr, ckpt_dir=ckpt_dir, item_dropout=spec.item_dropout,
-          weight_decay=config.optim.weight_decay,
+          weight_decay=config.optim.weight_decay, log=log,
           writer=curves.prefixed(writer, f"pretrain/{spec.role}"))
+      seconds = pretrain_cost(ckpt_dir, time.time() - t, bool(epochs_run))
     held_items = np.zeros(0, np.int64) if held is None else held.items
     out[spec.role] = methods.Pretrained(params=params, split=own, held=held_items,
-                                        key=key)
+                                        key=key, seconds=seconds)
   return out
+
+
+def pretrain_cost(ckpt_dir: pathlib.Path, seconds: float, trained: bool) -> float:
+  """The wall time a cached backbone took to pretrain, over every resumed part.
+
+  Kept beside the checkpoint (``<ckpt_dir>.seconds.json``), so that a run that
+  reads the backbone back can still report what it costs per seed.
+
+  Args:
+    ckpt_dir: the backbone's checkpoint folder.
+    seconds: this call's wall time.
+    trained: whether this call trained any epoch (else it only read back).
+
+  Returns:
+    The recorded total (this call's time when nothing was recorded yet).
+  """
+  path = pathlib.Path(str(ckpt_dir) + ".seconds.json")
+  known = path.exists()
+  total = json.loads(path.read_text())["seconds"] if known else 0.0
+  if trained or not known:
+    total += seconds
+    results.write_json_atomic(path, {"seconds": total})
+  return float(total)
 
 
 def evaluate_items(method: methods.Method, ctx: methods.Context, state: Any,
@@ -201,7 +231,8 @@ def run_seed(config: ml_collections.ConfigDict, ds, split: protocol.Split,
          "val_auc": val["auc"] if val else None,
          "val_f1": val["f1"] if val else None,
          "seconds": {"pretrain": t_pre - t0, "method": t_end - t_pre,
-                     "total": t_end - t0}}
+                     "total": t_end - t0,
+                     "backbones": float(sum(p.seconds for p in pre.values()))}}
   return res, preds
 
 

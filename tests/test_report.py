@@ -40,6 +40,19 @@ def test_tables_bold_the_best_and_list_where_a_baseline_beats_emerflow(tmp_path)
   assert "FAILED cvar with fm" in md
   assert "runs only on its own backbone" not in md
   assert (tmp_path / "comparison.png").stat().st_size > 0
+  # No backbone cost recorded (older runs): the per-seed column says so.
+  assert "| deepfm | base | 1 | 2 | 3 | - |" in md
+
+
+def test_wall_time_per_seed_counts_every_backbone_used_even_if_cached(tmp_path):
+  paid, cached = _fake_run("base", "deepfm", [0.7] * 4, seeds=(0, 1)), \
+      _fake_run("emerflow", "deepfm", [0.7] * 4, seeds=(0, 1))
+  paid["seconds"] = {"pretrain": 20.0, "method": 4.0, "total": 25.0, "backbones": 20.0}
+  cached["seconds"] = {"pretrain": 10.0, "method": 8.0, "total": 19.0, "backbones": 30.0}
+  report.write_comparison(tmp_path, _grid([paid, cached]))
+  md = (tmp_path / "comparison.md").read_text()
+  assert "| deepfm | base | 20 | 4 | 24 | 12.0 |" in md       # (20 + 4) / 2 seeds
+  assert "| deepfm | emerflow | 10 | 8 | 18 | 19.0 |" in md   # (30 + 8) / 2 seeds
 
 
 def test_an_own_backbone_method_is_listed_beside_every_backbone(tmp_path):

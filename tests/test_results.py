@@ -48,6 +48,17 @@ def test_summary_follows_the_design_schema():
   assert s["seconds"] == {"pretrain": 6.0, "method": 6.0, "total": 42.0}
   assert s["val_auc"]["cold"] == pytest.approx([0.6, 0.7, 0.8])
   assert "val_auc" not in _summary(val=False)
+
+
+def test_backbone_cost_is_summed_only_when_every_seed_has_it():
+  per_seed = [{"seed": i, "auc": None, "f1": None,
+               "seconds": {"pretrain": 1.0, "method": 2.0, "total": 3.0,
+                           "backbones": 4.0 + i}} for i in range(2)]
+  s = results.summarize(_config("base"), "synthetic", per_seed, {}, total_s=9.0)
+  assert s["seconds"]["backbones"] == 9.0
+  del per_seed[1]["seconds"]["backbones"]  # a seed from before it was recorded
+  s = results.summarize(_config("base"), "synthetic", per_seed, {}, total_s=9.0)
+  assert "backbones" not in s["seconds"]
   json.dumps(s)  # plain JSON all the way down
 
 

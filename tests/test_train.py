@@ -45,7 +45,7 @@ def test_binary_writes_results_json_md_and_png(smoke_run):
       assert len(res[metric][p]) == 1 and 0.0 < res[metric][p][0] < 1.0
   assert res["auc"]["warm_c"][0] > 0.5  # it learned something
   assert res["config"]["optim"]["epochs"] == 1  # the :smoke variant
-  assert set(res["seconds"]) == {"pretrain", "method", "total"}
+  assert set(res["seconds"]) == {"pretrain", "method", "total", "backbones"}
   assert all(v > 0 for v in res["seconds"].values())
   assert "mean ± std" in (workdir / "results.md").read_text()
   assert (workdir / "auc.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
@@ -91,6 +91,8 @@ def test_a_changed_config_never_reuses_a_finished_seed(smoke_run, experiment_arg
   res = json.loads((workdir / "results.json").read_text())
   assert res["config"]["warmup"]["lr"] == 0.5
   assert res["auc"] != first["auc"]  # computed with lr 0.5, not read back
+  # The reused backbone still reports what it cost to build.
+  assert res["seconds"]["backbones"] == first["seconds"]["backbones"] > 0
   seed = json.loads((workdir / "seed_0" / "result.json").read_text())
   assert res["keys"] == [seed["key"]] != first["keys"]
 
@@ -138,3 +140,11 @@ def test_validation_only_runs_never_read_test_rows(tmp_path, monkeypatch):
   assert all(w.size == 0 for w in split.warm_rows.values())
   with np.load(tmp_path / "seed_0" / "predictions.npz") as f:
     assert not any(k in f.files for k in ("labels", "owner")) and "val_labels" in f.files
+
+
+def test_pretrain_cost_adds_resumed_parts_and_keeps_it_on_read_back(tmp_path):
+  ckpt = tmp_path / "backbone"
+  assert train.pretrain_cost(ckpt, 3.0, trained=True) == 3.0
+  assert train.pretrain_cost(ckpt, 0.2, trained=False) == 3.0  # read back: unchanged
+  assert train.pretrain_cost(ckpt, 2.0, trained=True) == 5.0   # a resumed part adds
+  assert train.pretrain_cost(tmp_path / "other", 0.5, trained=False) == 0.5
