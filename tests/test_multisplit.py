@@ -131,7 +131,8 @@ def test_tune_and_compare_end_to_end(tmp_path):
       assert trial["auc"] is None and run["auc"] is not None
       for key, value in chosen["params"].items():
         section, field = key.split(".")
-        assert np.isclose(run["config"][section][field], value)
+        got = run["config"][section][field]
+        assert got == value if isinstance(value, str) else np.isclose(got, value)
       assert run["config"]["data"]["n_max"] == s["overrides"]["data.n_max"]
     (row,) = summary["intervals"][s["name"]]
     assert all(row["phases"][p]["lo"] <= row["phases"][p]["diff"] <= row["phases"][p]["hi"]
@@ -139,3 +140,15 @@ def test_tune_and_compare_end_to_end(tmp_path):
   (t,) = summary["tally"]
   assert all(sum(t["phases"][p].values()) == 1 for p in PHASES)
   assert (tmp_path / "summary.md").exists()
+  # The cost of the comparison: two test runs and two trials, as each recorded it;
+  # a read-back invocation keeps it.
+  sdir = tmp_path / summary["splits"][0]["name"]
+  runs = [sdir / f"{m}_fm" / "results.json" for m in ("base", "emerflow")]
+  runs += [sdir / "tuning" / f"{m}_fm" / "t000" / "results.json" for m in ("base", "emerflow")]
+  spent = sum(json.loads(p.read_text())["seconds"]["total"] for p in runs)
+  assert np.isclose(summary["recorded_seconds"], spent) and spent > 0
+  again = multisplit.run_splits(
+      _tiny_config(), tmp_path, splits, ["base", "emerflow"], ["fm"], seeds=1,
+      tune_trials=1, tune_kwargs={"sampler": "random"}, n_boot=50)
+  assert np.isclose(again["recorded_seconds"], spent)
+  assert f"the runs and trials took {spent:.0f} s" in (tmp_path / "summary.md").read_text()
