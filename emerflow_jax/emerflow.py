@@ -47,8 +47,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from emerflow_jax import (align, align_diagnostics, checkpoint, closedform, emerflow_meta,
-                          meta, methods, posterior, protocol, tasks)
+from emerflow_jax import (align, align_diagnostics, checkpoint, closedform, curves,
+                          emerflow_meta, meta, methods, posterior, protocol, tasks)
 
 
 # Config sections each stage reads (their cache keys cover exactly these,
@@ -81,6 +81,20 @@ def _check_meta_options(config: ml_collections.ConfigDict) -> None:
                      "meta.learn_shrink can change: set learn_shrink=True or turn it off")
   if m.phase_alpha and m.tasks != "flow":
     raise ValueError("meta.phase_alpha needs meta.tasks='flow'")
+
+
+def _closed_form_curves(writer: Any, info: dict[str, Any]) -> None:
+  """A closed-form fit's curves: per CV candidate i (step i) its held-out FVU
+  and options; at the chosen one's step, its train and held-out FVU.
+
+  Args:
+    writer: a ``curves`` writer (None writes nothing).
+    info: ``closedform.fit_phi``'s info.
+  """
+  for i, (cand, score) in enumerate(zip(info["candidates"], info["fvus"])):
+    curves.write(writer, i, dict({f"cv_{k}": v for k, v in cand.items()}, cv_fvu=score))
+  curves.write(writer, info["best"], {"fvu_train": info["train_fvu"],
+                                      "fvu_heldout": info["cv_fvu"]})
 
 
 class EmerFlow(methods.Method):
@@ -152,11 +166,12 @@ class EmerFlow(methods.Method):
     dim = ctx.dim
     alpha = meta.init_alpha(float(cfg.meta.alpha), cfg.meta.alpha_mode, dim,
                             len(protocol.WARM_PHASES) if cfg.meta.phase_alpha else 0)
-    mapper = None
+    mapper, align_report = None, None
     meta_frozen = frozen
     if self.use_align:
       mapper = align.Mapper(out_dim=dim, hidden=tuple(cfg.align.hidden))
-      phi = self._align(ctx, mapper, r, side, ctx.split.old_items, "align", 1)
+      phi, align_report = self._align(ctx, mapper, r, side, ctx.split.old_items, "align",
+                                      1, report=True)
       params = {"phi": phi, "log_alpha": alpha}
       if self.use_meta and cfg.meta.learn_shrink:
         params["shrink"] = jnp.ones((), jnp.float32)
@@ -173,10 +188,14 @@ class EmerFlow(methods.Method):
     elif self.use_meta:
       held = ctx.backbones["main"].held
       params = emerflow_meta.run_meta_training(ctx, mapper, params, meta_frozen,
-                                 ctx.stage_dir("meta", META_SECTIONS),
-                                 held if len(held) else None)
+                                               ctx.stage_dir("meta", META_SECTIONS),
+                                               held if len(held) else None)
     return {"params": params, "mapper": mapper, "frozen": frozen,
-            "regen": self._regen_state(ctx, r)}
+            "regen": self._regen_state(ctx, r), "align_report": align_report}
+
+  def report(self, state: Any) -> dict[str, Any]:
+    """{"align": the main alignment's held-out FVU and cold AUC on old items}."""
+    return {"align": state["align_report"]} if self.use_align else {}
 
   def _regen_state(self, ctx: methods.Context, r: np.ndarray) -> dict[str, Any] | None:
     """What ``posterior.regenerate`` needs after each phase (None when off)."""
@@ -211,52 +230,87 @@ class EmerFlow(methods.Method):
       side = align.item_side_embeddings(aux.params, ctx.tables, jnp.arange(ctx.ds.n_items))
       frozen["side"] = side
     if mapper is not None:
-      params = dict(rule, phi=self._align(actx, mapper, r, side, aux.split.old_items,
-                                          "rule-align", 2))
+      phi, _ = self._align(actx, mapper, r, side, aux.split.old_items, "rule-align", 2)
+      params = dict(rule, phi=phi)
     else:
       params = dict(rule, e0=jnp.mean(actx.old_item_embeddings(), 0))
     logging.info("meta: learning the rule on %d items held out of an auxiliary backbone",
                  len(aux.held))
     learned = emerflow_meta.run_meta_training(actx, mapper, params, frozen,
-                                actx.stage_dir("rule-meta", META_SECTIONS), aux.held)
+                                              actx.stage_dir("rule-meta", META_SECTIONS),
+                                              aux.held)
     return {k: learned[k] for k in rule}
 
   def _align(self, ctx: methods.Context, mapper: align.Mapper, r: np.ndarray,
              side: jnp.ndarray | None, items: np.ndarray, name: str,
-             salt: int) -> Any:
-    """Fits the map of ``align.kind`` on ``items``: Mapper variables.
+             salt: int, report: bool = False) -> tuple[Any, dict[str, Any] | None]:
+    """Fits the map of ``align.kind`` on ``items``.
 
     The MLP trains on the items and their rows, checkpointed under ``name``;
-    closed forms (and ``align.shrink``'s prior) are refit in seconds.
+    closed forms (and ``align.shrink``'s prior) are refit in seconds.  Their
+    FVU curves go under ``name/`` (``_closed_form_curves``; the MLP's from
+    ``align.train_mapper``).
+
+    Returns:
+      (Mapper variables, and with ``report`` how the map does on the items
+      it was not fit on: ``_report``, else None).
     """
     cfg = ctx.config
     rows = tasks.pack_flat(ctx.ds, ctx.split.base_rows)
     keep = np.isin(rows["items"], items)
     rows = {k: v[keep] for k, v in rows.items()}
     kind, shrink, folds, opts = align.config_options(cfg.align)
-    if kind != "mlp" or shrink != "none":
-      x = r if side is None else np.concatenate([r, np.asarray(side)], -1)
-      e = align.targets(ctx.params, ctx.tables, items)
-      key = jax.random.fold_in(ctx.key, salt)
-      phi, info = closedform.fit_phi(kind, x[items], e, key, folds, shrink, **opts)
-      logging.info("align[%s]: %s %s, CV FVU %.4f", name, kind, info["chosen"],
-                   info["cv_fvu"])
-      if cfg.align.get("diagnose", False):
-        d = align_diagnostics.diagnostics(kind, x[items], e, items, ctx.model, ctx.params,
-                                          ctx.tables, rows, key, folds, shrink, **opts)
-        logging.info("align[%s]: diagnostics %s", name, d)
-      with checkpoint.Checkpointer(ctx.stage_dir(name, ALIGN_SECTIONS, salt=salt)) as ckpt:
-        if ckpt.latest_step() is None:  # refit on resume (seconds, deterministic)
-          ckpt.save(1, phi)  # the run's record of the fitted map
-      return phi
-    return align.train_mapper(
-        mapper, ctx.model, ctx.params, ctx.tables, r, side, items, rows,
-        jax.random.fold_in(ctx.key, salt), steps=int(cfg.align.steps),
-        lr=float(cfg.align.lr), lam=float(cfg.align.lam),
-        batch_rows=int(cfg.align.batch_rows),
-        weight_decay=float(cfg.align.weight_decay),
-        ckpt_dir=ctx.stage_dir(name, ALIGN_SECTIONS, salt=salt),
-        holdout=float(cfg.align.holdout))
+    writer = curves.prefixed(ctx.writer, name)
+    key = jax.random.fold_in(ctx.key, salt)
+    if kind == "mlp" and shrink == "none":
+      phi = align.train_mapper(
+          mapper, ctx.model, ctx.params, ctx.tables, r, side, items, rows, key,
+          steps=int(cfg.align.steps), lr=float(cfg.align.lr), lam=float(cfg.align.lam),
+          batch_rows=int(cfg.align.batch_rows),
+          weight_decay=float(cfg.align.weight_decay),
+          ckpt_dir=ctx.stage_dir(name, ALIGN_SECTIONS, salt=salt),
+          holdout=float(cfg.align.holdout), writer=writer)
+      return phi, (self._mlp_report(ctx, mapper, phi, r, side, items, rows, key)
+                   if report else None)
+    x = r if side is None else np.concatenate([r, np.asarray(side)], -1)
+    e = align.targets(ctx.params, ctx.tables, items)
+    phi, info = closedform.fit_phi(kind, x[items], e, key, folds, shrink, **opts)
+    logging.info("align[%s]: %s %s, CV FVU %.4f", name, kind, info["chosen"],
+                 info["cv_fvu"])
+    _closed_form_curves(writer, info)
+    out = None
+    if cfg.align.get("diagnose", False):
+      out = dict(align_diagnostics.diagnostics(
+          kind, x[items], e, items, ctx.model, ctx.params, ctx.tables, rows, key, folds,
+          shrink, **opts), estimate="nested_cv")
+      logging.info("align[%s]: diagnostics %s", name, out)
+    elif report:  # the fit's own CV folds: no refit
+      out = dict(align_diagnostics.from_folds(info["oof"], e, info["fold"], items,
+                                              ctx.model, ctx.params, ctx.tables, rows),
+                 kind=kind, shrink=shrink, folds=folds, estimate="cv_folds")
+    with checkpoint.Checkpointer(ctx.stage_dir(name, ALIGN_SECTIONS, salt=salt)) as ckpt:
+      if ckpt.latest_step() is None:  # refit on resume (seconds, deterministic)
+        ckpt.save(1, phi)  # the run's record of the fitted map
+    return phi, out if report else None
+
+  def _mlp_report(self, ctx: methods.Context, mapper: align.Mapper, phi: Any,
+                  r: np.ndarray, side: jnp.ndarray | None, items: np.ndarray,
+                  rows: dict[str, np.ndarray], key: jax.Array) -> dict[str, Any] | None:
+    """The MLP's held-out quality on the old items its early stopping held out.
+
+    None when ``align.holdout`` is 0 (every item was fit on).
+    """
+    holdout = float(ctx.config.align.holdout)
+    held, fit_items = align.holdout_split(items, holdout, key)
+    if not len(held):
+      return None
+    pred = mapper.apply(phi, jnp.asarray(r[held]), None if side is None else side[held])
+    e = align.targets(ctx.params, ctx.tables, held)
+    mean = jnp.broadcast_to(align.targets(ctx.params, ctx.tables, fit_items).mean(0), e.shape)
+    keep = np.isin(rows["items"], held)
+    out = align_diagnostics.heldout_quality(pred, mean, e, held, ctx.model, ctx.params,
+                                            ctx.tables, {k: v[keep] for k, v in rows.items()})
+    return dict(out, kind="mlp", holdout=holdout, estimate="early_stopping_holdout")
 
   def _crossfit(self, ctx: methods.Context, mapper: align.Mapper, r: np.ndarray,
                 side: jnp.ndarray | None, folds: int) -> jnp.ndarray:
@@ -273,8 +327,8 @@ class EmerFlow(methods.Method):
     fold_of = rng.permutation(len(old)) % folds
     table = np.zeros((ctx.ds.n_items, ctx.dim), np.float32)
     for f in range(folds):
-      phi_f = self._align(ctx, mapper, r, side, old[fold_of != f], f"align_fold{f}",
-                          100 + f)
+      phi_f, _ = self._align(ctx, mapper, r, side, old[fold_of != f], f"align_fold{f}",
+                             100 + f)
       held = old[fold_of == f]
       side_h = None if side is None else side[held]
       table[held] = np.asarray(mapper.apply(phi_f, jnp.asarray(r[held]), side_h))
