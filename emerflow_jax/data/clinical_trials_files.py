@@ -67,6 +67,25 @@ def _check_nct(path: pathlib.Path, lineno: int, nct: str) -> str:
   return nct
 
 
+def _nct_values(path: pathlib.Path, header_ok, header: str):
+  """Yields (line number, NCT id, value) of a two-column CSV with a header.
+
+  Args:
+    path: the file.
+    header_ok: fields of line 1 -> whether they are the expected header.
+    header: the expected header, for the error message.
+  """
+  for lineno, parts in _records(path, ","):
+    if lineno == 1:
+      if len(parts) != 2 or not header_ok(parts):
+        raise _error(path, 1, f"header {parts} is not {header}")
+      continue
+    if len(parts) != 2:
+      raise _error(path, lineno, f"expected 2 comma-separated fields, got "
+                   f"{len(parts)}: {','.join(parts)[:80]!r}")
+    yield lineno, _check_nct(path, lineno, parts[0]), parts[1]
+
+
 def read_mapping(path: pathlib.Path) -> list[tuple[str, str, str, str, str]]:
   """(nct, drug id, drug name, disease id, disease name) per mapping row."""
   rows = []
@@ -98,20 +117,13 @@ def read_trialbench(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
   for rel in TRIALBENCH:
     path = folder / rel
     phase = int(rel.split("/")[1][len("Phase"):])
-    for lineno, parts in _records(path, ","):
-      if lineno == 1:
-        if len(parts) != 2 or parts[1] != "outcome":
-          raise _error(path, 1, f"header {parts} is not ['', 'outcome']")
-        continue
-      if len(parts) != 2:
-        raise _error(path, lineno, f"expected 2 comma-separated fields, got "
-                     f"{len(parts)}: {','.join(parts)[:80]!r}")
-      nct = _check_nct(path, lineno, parts[0])
-      if parts[1] not in ("0", "1"):
-        raise _error(path, lineno, f"outcome {parts[1]!r} is not 0 or 1")
+    for lineno, nct, value in _nct_values(path, lambda h: h[1:] == ["outcome"],
+                                          "['', 'outcome']"):
+      if value not in ("0", "1"):
+        raise _error(path, lineno, f"outcome {value!r} is not 0 or 1")
       if nct in out:
         raise _error(path, lineno, f"{nct} is already labelled at {where[nct]}")
-      out[nct], where[nct] = (int(parts[1]), phase), f"{path}:{lineno}"
+      out[nct], where[nct] = (int(value), phase), f"{path}:{lineno}"
   return out
 
 
@@ -130,19 +142,11 @@ def read_iqvia(path: pathlib.Path, outcome_map: dict[str, int]
                ) -> dict[str, set[int]]:
   """NCT id -> the set of its IQVIA labels (1, 0, -1) over all its rows."""
   out: dict[str, set[int]] = collections.defaultdict(set)
-  for lineno, parts in _records(path, ","):
-    if lineno == 1:
-      if parts != ["studyid", "trialOutcome"]:
-        raise _error(path, 1, f"header {parts} is not ['studyid', 'trialOutcome']")
-      continue
-    if len(parts) != 2:
-      raise _error(path, lineno, f"expected 2 comma-separated fields, got "
-                   f"{len(parts)}: {','.join(parts)[:80]!r}")
-    nct = _check_nct(path, lineno, parts[0])
-    if parts[1] not in outcome_map:
-      raise _error(path, lineno, f"trialOutcome {parts[1]!r} is not in "
-                   f"{OUTCOME_MAP}")
-    out[nct].add(outcome_map[parts[1]])
+  for lineno, nct, value in _nct_values(path, lambda h: h == ["studyid", "trialOutcome"],
+                                        "['studyid', 'trialOutcome']"):
+    if value not in outcome_map:
+      raise _error(path, lineno, f"trialOutcome {value!r} is not in {OUTCOME_MAP}")
+    out[nct].add(outcome_map[value])
   return dict(out)
 
 
