@@ -4,9 +4,12 @@ As in the Flax examples: one ``metric_writers`` writer per run folder,
 scalars written at integer steps, and only process 0 writes files.  Stages take an
 optional writer; ``None`` writes nothing, so library code never needs one.
 
-Tags: ``pretrain/<role>/loss`` per epoch, ``align/fvu_train`` and
-``align/fvu_heldout`` per check, ``meta/...`` (losses, step sizes) per epoch,
-``val_auc/<phase>`` at step = phase index.  Open them with
+Tags: ``pretrain/<role>/loss`` per epoch; for every alignment (``align``,
+``rule-align``, named as its stage folder) ``<stage>/fvu_train`` and
+``<stage>/fvu_heldout``: per check for the MLP, and for a closed form
+``<stage>/cv_fvu`` (and ``cv_<option>``) at step = CV candidate index, the
+chosen fit's train and held-out FVU at its index; ``meta/...`` (losses, step
+sizes) per epoch; ``val_auc/<phase>`` at step = phase index.  Open them with
 ``tensorboard --logdir <workdir>``.
 """
 

@@ -25,7 +25,7 @@ Which ``meta`` options combine (anything else raises in ``plan``):
   ``rule_holdout = holdout_fraction = 0``; ``crossfit_folds > 1`` then starts
   them from out-of-fold mapper outputs), items held out of main's pretraining
   (``holdout_fraction > 0``), or items held out of an auxiliary backbone
-  (``rule_holdout > 0``, the default; only ``RULE_PARAMS`` carry over, so
+  (``rule_holdout > 0``, the default; only ``emerflow_meta.RULE_PARAMS`` carry over, so
   ``train_init`` must be off);
 - ``phase_alpha`` needs ``tasks="flow"``; ``cold_in_outer`` needs
   ``learn_shrink`` (nothing else changes the cold phase);
@@ -40,49 +40,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from emerflow_jax import (align, checkpoint, curves, meta, methods, posterior, protocol,
-                          sharding, tasks)
-
-
-def meta_config(cfg: ml_collections.ConfigDict) -> meta.MetaConfig:
-  return meta.MetaConfig(inner_steps=int(cfg.meta.inner_steps), beta=float(cfg.meta.beta),
-                         first_order=bool(cfg.meta.first_order),
-                         learn_alpha=bool(cfg.meta.learn_alpha),
-                         train_init=bool(cfg.meta.train_init),
-                         rule=str(cfg.meta.inner_rule),
-                         phase_alpha=bool(cfg.meta.phase_alpha),
-                         outer_loss=str(cfg.meta.outer_loss),
-                         cold_in_outer=bool(cfg.meta.cold_in_outer),
-                         auc_pairs=int(cfg.meta.auc_pairs))
+from emerflow_jax import (align, align_diagnostics, checkpoint, closedform, curves,
+                          emerflow_meta, meta, methods, posterior, protocol, tasks)
 
 
-def build_tasks(ctx: methods.Context, split: protocol.Split,
-                rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """One epoch of meta-training tasks (``config.meta.tasks``: flow|chunks)."""
-  cfg = ctx.config.meta
-  if cfg.tasks == "flow":
-    return tasks.build_flow_tasks(ctx.ds, split, int(ctx.config.data.k),
-                                  int(cfg.query_rows), rng, offset=str(cfg.task_offset))
-  if cfg.tasks == "chunks":
-    if cfg.phase_alpha:
-      raise ValueError("meta.phase_alpha needs meta.tasks='flow'")
-    return tasks.build_meta_tasks(ctx.ds, split, int(cfg.support_rows),
-                                  int(cfg.query_rows), rng)
-  raise ValueError(f"meta.tasks must be flow or chunks, got {cfg.tasks!r}")
-
-
-# The learned rule: what carries over from an auxiliary backbone.
-RULE_PARAMS = ("log_alpha", "shrink")
 # Config sections each stage reads (their cache keys cover exactly these,
 # plus the backbone the stage is built on).
 ALIGN_SECTIONS = ("enrich", "align")
@@ -115,181 +83,18 @@ def _check_meta_options(config: ml_collections.ConfigDict) -> None:
     raise ValueError("meta.phase_alpha needs meta.tasks='flow'")
 
 
-def outer_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam on the meta params; ``meta.alpha_lr`` (if > 0) for the rule's scalars.
-
-  The step sizes (in log space) and the prior's shrink want moves of order
-  one within a few hundred steps, far more than the mapper weights should move.
-  """
-  lr, alpha_lr = float(cfg.meta.lr), float(cfg.meta.alpha_lr)
-  if alpha_lr <= 0:
-    return optax.adam(lr)
-  label = lambda params: {k: ("alpha" if k in RULE_PARAMS else "rest") for k in params}
-  return optax.multi_transform({"alpha": optax.adam(alpha_lr), "rest": optax.adam(lr)},
-                               label)
-
-
-def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
-                      params: dict[str, Any], frozen: dict[str, Any],
-                      ckpt_dir: pathlib.Path, task_items: np.ndarray | None = None,
-                      mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
-  """Meta-trains ``params`` (phi and/or e0, alpha) on old-item tasks; resumable.
-
-  Flow tasks from each item's first row (the default) are packed once
-  (``tasks.flow_task_pool``) and kept on the device; every epoch draws its
-  query subsets and batches there (``tasks.sample_epoch``, keyed by
-  ``fold_in(key, epoch)``).  Other layouts are rebuilt on the host each epoch
-  (``build_tasks``, seeded per epoch).  Either way a resumed run sees exactly
-  the tasks an uninterrupted one would.  Each batch is split over ``mesh``
-  (default: every device); padding it to a multiple of the mesh size adds
-  fully masked tasks only, so the result does not depend on the device count.
-
-  Nothing inside an epoch waits for the device: its metrics stay there until
-  a checkpoint (every ``meta.ckpt_every_s`` seconds of training, and after
-  the last epoch), where every pending epoch is logged in one transfer.
-  """
-  cfg = ctx.config
-  mcfg = meta_config(cfg)
-  mesh = sharding.task_mesh() if mesh is None else mesh
-  tx = outer_optimizer(cfg)
-  step_fn = meta.make_train_step(ctx.model, mapper, mcfg, tx, mesh)
-  state = {"params": params, "opt_state": tx.init(params),
-           "step": jnp.zeros((), jnp.int32),
-           "rng": jax.random.key_data(jax.random.fold_in(ctx.key, 7))}
-  state, frozen = sharding.replicate((state, frozen), mesh)
-  epochs, batch_tasks = int(cfg.meta.epochs), int(cfg.meta.batch_tasks)
-  task_split = ctx.split
-  if task_items is not None:
-    # ``task_items``: old items held out of the backbone's pretraining.
-    task_split = protocol.chunk_items(ctx.ds, ctx.split, task_items)
-    logging.info("meta: %d tasks' items held out of pretraining", len(task_items))
-  epoch_batches = _device_epochs(ctx, task_split, mesh)
-  if epoch_batches is None:
-    seed = int(jax.random.randint(jax.random.fold_in(ctx.key, 11), (), 0, 2**30))
-
-    def epoch_batches(epoch):
-      rng = np.random.default_rng([seed, epoch])
-      return [sharding.shard_tasks(b, mesh) for b in
-              tasks.batches(build_tasks(ctx, task_split, rng), batch_tasks, rng)]
-
-  every_s = float(cfg.meta.ckpt_every_s)
-  with checkpoint.Checkpointer(ckpt_dir) as ckpt:
-    state, done = ckpt.restore_or(state)
-    start = int(done or 0)
-    if done is not None:
-      logging.info("meta: resumed at epoch %d", done)
-    pending, last_save = [], time.monotonic()
-    for epoch in range(start, epochs):
-      logs = []
-      for batch in epoch_batches(epoch):
-        state, m = step_fn(state, frozen, batch)
-        logs.append(m)
-      pending.append(_epoch_summary(logs, state))
-      if epoch + 1 == epochs or time.monotonic() - last_save >= every_s:
-        ckpt.save(epoch + 1, state)
-        _log_epochs(ctx, ckpt_dir, mcfg, epoch + 1 - len(pending), epochs, pending)
-        pending, last_save = [], time.monotonic()
-  return jax.tree.map(jnp.asarray, sharding.gather(state["params"]))
-
-
-def _device_epochs(ctx: methods.Context, split: protocol.Split,
-                   mesh: jax.sharding.Mesh):
-  """``epoch -> [batch]`` drawn on the device from tasks packed once, or None.
-
-  Only flow tasks from the first row have a fixed pool (random offsets and
-  chunk tasks are rebuilt on the host).  Each batch of ``meta.batch_tasks``
-  tasks is padded with masked tasks to a multiple of the mesh size, as
-  ``sharding.shard_tasks`` pads a host batch.
-  """
-  m = ctx.config.meta
-  if m.tasks != "flow" or m.task_offset != "first":
-    return None
-  b = int(m.batch_tasks)
-  pool = tasks.flow_task_pool(ctx.ds, split, int(ctx.config.data.k), int(m.query_rows))
-  n_batches = -(-(len(pool["item"]) - 1) // b)
-  pool = sharding.replicate(pool, mesh)
-  extra = sharding.padded_size(b, mesh) - b
-  key = jax.random.fold_in(ctx.key, 11)
-
-  def sample(pool, epoch):
-    ep = tasks.sample_epoch(pool, jax.random.fold_in(key, epoch), int(m.query_rows), b)
-    return jax.tree.map(lambda x: jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)),
-                        ep)
-
-  sample = jax.jit(sample)
-  take = jax.jit(lambda ep, i: jax.tree.map(lambda x: x[i], ep),
-                 out_shardings=sharding.task_sharding(mesh))
-
-  def epoch_batches(epoch):
-    ep = sample(pool, jnp.asarray(epoch, jnp.int32))
-    return [take(ep, jnp.asarray(i, jnp.int32)) for i in range(n_batches)]
-
-  return epoch_batches
-
-
-def _epoch_summary(logs: list[dict[str, jnp.ndarray]],
-                   state: dict[str, Any]) -> dict[str, jnp.ndarray]:
-  """An epoch's mean metrics, step sizes and step, as new device arrays.
-
-  New arrays, since the next step donates ``state``; nothing is fetched here.
-  """
-  out = {k: jnp.mean(jnp.stack([m[k] for m in logs])) for k in logs[0]}
-  out["alpha"] = meta.step_size(state["params"])
-  out["step"] = state["step"] + 0
-  if "shrink" in state["params"]:
-    out["shrink"] = state["params"]["shrink"] + 0.0
-  return out
-
-
-def _log_epochs(ctx: methods.Context, ckpt_dir: pathlib.Path, mcfg: meta.MetaConfig,
-                first: int, epochs: int, pending: list[dict[str, jnp.ndarray]]) -> None:
-  """Logs and writes the curves of epochs ``first + 1 ...`` in one transfer."""
-  writer = curves.prefixed(ctx.writer, ckpt_dir.name.split("-")[0])
-  for i, s in enumerate(jax.device_get(sharding.gather(pending))):
-    epoch = first + i + 1
-    alpha = np.atleast_1d(s.pop("alpha"))
-    per_alpha = alpha.reshape(alpha.shape[0], -1).mean(1)
-    if "query_rank" in s:
-      logging.info("meta: epoch %d pooled pairwise query loss %.4f", epoch,
-                   s["query_rank"])
-    per_phase = (" ".join(f"{a:.4f}" for a in per_alpha) if mcfg.phase_alpha
-                 else f"{alpha.mean():.4f}")
-    if "shrink" in s:
-      per_phase += f" shrink {float(s.pop('shrink')):.3f}"
-    step = int(s.pop("step"))
-    logging.info("meta: epoch %d/%d step %d loss %.4f query L(e0) %.4f -> L(eT) %.4f "
-                 "alpha %s", epoch, epochs, step, s["loss"], s["query_e0"],
-                 s["query_eT"], per_phase)
-    curves.write(writer, epoch, dict({k: float(v) for k, v in s.items()},
-                                     **{f"alpha_{j}": a for j, a in enumerate(per_alpha)}))
-
-
-def refine_items(meta_params: dict[str, Any], model, mcfg: meta.MetaConfig,
-                 frozen: dict[str, Any], emb: jnp.ndarray, batch: dict[str, Any],
-                 mesh: jax.sharding.Mesh | None = None, phase: int = 0) -> jnp.ndarray:
-  """``meta.adapt_items`` with the item axis split over ``mesh`` (default: all).
+def _closed_form_curves(writer: Any, info: dict[str, Any]) -> None:
+  """A closed-form fit's curves: per CV candidate i (step i) its held-out FVU
+  and options; at the chosen one's step, its train and held-out FVU.
 
   Args:
-    meta_params: holds the learned ``log_alpha``.
-    model: the frozen backbone module.
-    mcfg: the inner-loop settings.
-    frozen: backbone params and tables.
-    emb: [n, d] current embeddings.
-    batch: Packed phase rows, each [n, K].
-    mesh: from ``sharding.task_mesh``.
-    phase: warm phase index (picks alpha_p with per-phase step sizes).
-
-  Returns:
-    [n, d] adapted embeddings on the default device.
+    writer: a ``curves`` writer (None writes nothing).
+    info: ``closedform.fit_phi``'s info.
   """
-  mesh = sharding.task_mesh() if mesh is None else mesh
-  n = emb.shape[0]
-  rows = {k: batch[k] for k in ("users", "items", "labels", "mask")}
-  emb_s, rows_s = sharding.shard_tasks((emb, rows), mesh)
-  params_r, frozen_r = sharding.replicate((meta_params, frozen), mesh)
-  out = meta.adapt_items(params_r, model, mcfg, frozen_r, emb_s, rows_s,
-                         jnp.asarray(phase, jnp.int32))
-  return jnp.asarray(sharding.gather(out)[:n])
+  for i, (cand, score) in enumerate(zip(info["candidates"], info["fvus"])):
+    curves.write(writer, i, dict({f"cv_{k}": v for k, v in cand.items()}, cv_fvu=score))
+  curves.write(writer, info["best"], {"fvu_train": info["train_fvu"],
+                                      "fvu_heldout": info["cv_fvu"]})
 
 
 class EmerFlow(methods.Method):
@@ -361,11 +166,12 @@ class EmerFlow(methods.Method):
     dim = ctx.dim
     alpha = meta.init_alpha(float(cfg.meta.alpha), cfg.meta.alpha_mode, dim,
                             len(protocol.WARM_PHASES) if cfg.meta.phase_alpha else 0)
-    mapper = None
+    mapper, align_report = None, None
     meta_frozen = frozen
     if self.use_align:
       mapper = align.Mapper(out_dim=dim, hidden=tuple(cfg.align.hidden))
-      phi = self._align(ctx, mapper, r, side, ctx.split.old_items, "align", 1)
+      phi, align_report = self._align(ctx, mapper, r, side, ctx.split.old_items, "align",
+                                      1, report=True)
       params = {"phi": phi, "log_alpha": alpha}
       if self.use_meta and cfg.meta.learn_shrink:
         params["shrink"] = jnp.ones((), jnp.float32)
@@ -381,11 +187,15 @@ class EmerFlow(methods.Method):
       params = dict(params, **self._rule_on_aux(ctx, mapper, r, params))
     elif self.use_meta:
       held = ctx.backbones["main"].held
-      params = run_meta_training(ctx, mapper, params, meta_frozen,
-                                 ctx.stage_dir("meta", META_SECTIONS),
-                                 held if len(held) else None)
+      params = emerflow_meta.run_meta_training(ctx, mapper, params, meta_frozen,
+                                               ctx.stage_dir("meta", META_SECTIONS),
+                                               held if len(held) else None)
     return {"params": params, "mapper": mapper, "frozen": frozen,
-            "regen": self._regen_state(ctx, r)}
+            "regen": self._regen_state(ctx, r), "align_report": align_report}
+
+  def report(self, state: Any) -> dict[str, Any]:
+    """{"align": the main alignment's held-out FVU and cold AUC on old items}."""
+    return {"align": state["align_report"]} if self.use_align else {}
 
   def _regen_state(self, ctx: methods.Context, r: np.ndarray) -> dict[str, Any] | None:
     """What ``posterior.regenerate`` needs after each phase (None when off)."""
@@ -414,58 +224,93 @@ class EmerFlow(methods.Method):
     actx = dataclasses.replace(ctx, split=aux.split, backbones={"main": aux})
     frozen = {"params": aux.params, "tables": ctx.tables, "r": jnp.asarray(r),
               "center": jnp.mean(actx.old_item_embeddings(), 0)}
-    rule = {k: v for k, v in init.items() if k in RULE_PARAMS}
+    rule = {k: v for k, v in init.items() if k in emerflow_meta.RULE_PARAMS}
     side = None
     if ctx.config.align.use_fields:
       side = align.item_side_embeddings(aux.params, ctx.tables, jnp.arange(ctx.ds.n_items))
       frozen["side"] = side
     if mapper is not None:
-      params = dict(rule, phi=self._align(actx, mapper, r, side, aux.split.old_items,
-                                          "rule-align", 2))
+      phi, _ = self._align(actx, mapper, r, side, aux.split.old_items, "rule-align", 2)
+      params = dict(rule, phi=phi)
     else:
       params = dict(rule, e0=jnp.mean(actx.old_item_embeddings(), 0))
     logging.info("meta: learning the rule on %d items held out of an auxiliary backbone",
                  len(aux.held))
-    learned = run_meta_training(actx, mapper, params, frozen,
-                                actx.stage_dir("rule-meta", META_SECTIONS), aux.held)
+    learned = emerflow_meta.run_meta_training(actx, mapper, params, frozen,
+                                              actx.stage_dir("rule-meta", META_SECTIONS),
+                                              aux.held)
     return {k: learned[k] for k in rule}
 
   def _align(self, ctx: methods.Context, mapper: align.Mapper, r: np.ndarray,
              side: jnp.ndarray | None, items: np.ndarray, name: str,
-             salt: int) -> Any:
-    """Fits the map of ``align.kind`` on ``items``: Mapper variables.
+             salt: int, report: bool = False) -> tuple[Any, dict[str, Any] | None]:
+    """Fits the map of ``align.kind`` on ``items``.
 
     The MLP trains on the items and their rows, checkpointed under ``name``;
-    closed forms (and ``align.shrink``'s prior) are refit in seconds.
+    closed forms (and ``align.shrink``'s prior) are refit in seconds.  Their
+    FVU curves go under ``name/`` (``_closed_form_curves``; the MLP's from
+    ``align.train_mapper``).
+
+    Returns:
+      (Mapper variables, and with ``report`` how the map does on the items
+      it was not fit on: ``_report``, else None).
     """
     cfg = ctx.config
     rows = tasks.pack_flat(ctx.ds, ctx.split.base_rows)
     keep = np.isin(rows["items"], items)
     rows = {k: v[keep] for k, v in rows.items()}
     kind, shrink, folds, opts = align.config_options(cfg.align)
-    if kind != "mlp" or shrink != "none":
-      x = r if side is None else np.concatenate([r, np.asarray(side)], -1)
-      e = align.targets(ctx.params, ctx.tables, items)
-      key = jax.random.fold_in(ctx.key, salt)
-      phi, info = align.fit_phi(kind, x[items], e, key, folds, shrink, **opts)
-      logging.info("align[%s]: %s %s, CV FVU %.4f", name, kind,
-                   {k: v for k, v in info.items() if k != "cv_fvu"}, info["cv_fvu"])
-      if cfg.align.get("diagnose", False):
-        d = align.diagnostics(kind, x[items], e, items, ctx.model, ctx.params, ctx.tables,
-                              rows, key, folds, shrink, **opts)
-        logging.info("align[%s]: diagnostics %s", name, d)
-      with checkpoint.Checkpointer(ctx.stage_dir(name, ALIGN_SECTIONS, salt=salt)) as ckpt:
-        if ckpt.latest_step() is None:  # refit on resume (seconds, deterministic)
-          ckpt.save(1, phi)  # the run's record of the fitted map
-      return phi
-    return align.train_mapper(
-        mapper, ctx.model, ctx.params, ctx.tables, r, side, items, rows,
-        jax.random.fold_in(ctx.key, salt), steps=int(cfg.align.steps),
-        lr=float(cfg.align.lr), lam=float(cfg.align.lam),
-        batch_rows=int(cfg.align.batch_rows),
-        weight_decay=float(cfg.align.weight_decay),
-        ckpt_dir=ctx.stage_dir(name, ALIGN_SECTIONS, salt=salt),
-        holdout=float(cfg.align.holdout))
+    writer = curves.prefixed(ctx.writer, name)
+    key = jax.random.fold_in(ctx.key, salt)
+    if kind == "mlp" and shrink == "none":
+      phi = align.train_mapper(
+          mapper, ctx.model, ctx.params, ctx.tables, r, side, items, rows, key,
+          steps=int(cfg.align.steps), lr=float(cfg.align.lr), lam=float(cfg.align.lam),
+          batch_rows=int(cfg.align.batch_rows),
+          weight_decay=float(cfg.align.weight_decay),
+          ckpt_dir=ctx.stage_dir(name, ALIGN_SECTIONS, salt=salt),
+          holdout=float(cfg.align.holdout), writer=writer)
+      return phi, (self._mlp_report(ctx, mapper, phi, r, side, items, rows, key)
+                   if report else None)
+    x = r if side is None else np.concatenate([r, np.asarray(side)], -1)
+    e = align.targets(ctx.params, ctx.tables, items)
+    phi, info = closedform.fit_phi(kind, x[items], e, key, folds, shrink, **opts)
+    logging.info("align[%s]: %s %s, CV FVU %.4f", name, kind, info["chosen"],
+                 info["cv_fvu"])
+    _closed_form_curves(writer, info)
+    out = None
+    if cfg.align.get("diagnose", False):
+      out = dict(align_diagnostics.diagnostics(
+          kind, x[items], e, items, ctx.model, ctx.params, ctx.tables, rows, key, folds,
+          shrink, **opts), estimate="nested_cv")
+      logging.info("align[%s]: diagnostics %s", name, out)
+    elif report:  # the fit's own CV folds: no refit
+      out = dict(align_diagnostics.from_folds(info["oof"], e, info["fold"], items,
+                                              ctx.model, ctx.params, ctx.tables, rows),
+                 kind=kind, shrink=shrink, folds=folds, estimate="cv_folds")
+    with checkpoint.Checkpointer(ctx.stage_dir(name, ALIGN_SECTIONS, salt=salt)) as ckpt:
+      if ckpt.latest_step() is None:  # refit on resume (seconds, deterministic)
+        ckpt.save(1, phi)  # the run's record of the fitted map
+    return phi, out if report else None
+
+  def _mlp_report(self, ctx: methods.Context, mapper: align.Mapper, phi: Any,
+                  r: np.ndarray, side: jnp.ndarray | None, items: np.ndarray,
+                  rows: dict[str, np.ndarray], key: jax.Array) -> dict[str, Any] | None:
+    """The MLP's held-out quality on the old items its early stopping held out.
+
+    None when ``align.holdout`` is 0 (every item was fit on).
+    """
+    holdout = float(ctx.config.align.holdout)
+    held, fit_items = align.holdout_split(items, holdout, key)
+    if not len(held):
+      return None
+    pred = mapper.apply(phi, jnp.asarray(r[held]), None if side is None else side[held])
+    e = align.targets(ctx.params, ctx.tables, held)
+    mean = jnp.broadcast_to(align.targets(ctx.params, ctx.tables, fit_items).mean(0), e.shape)
+    keep = np.isin(rows["items"], held)
+    out = align_diagnostics.heldout_quality(pred, mean, e, held, ctx.model, ctx.params,
+                                            ctx.tables, {k: v[keep] for k, v in rows.items()})
+    return dict(out, kind="mlp", holdout=holdout, estimate="early_stopping_holdout")
 
   def _crossfit(self, ctx: methods.Context, mapper: align.Mapper, r: np.ndarray,
                 side: jnp.ndarray | None, folds: int) -> jnp.ndarray:
@@ -482,8 +327,8 @@ class EmerFlow(methods.Method):
     fold_of = rng.permutation(len(old)) % folds
     table = np.zeros((ctx.ds.n_items, ctx.dim), np.float32)
     for f in range(folds):
-      phi_f = self._align(ctx, mapper, r, side, old[fold_of != f], f"align_fold{f}",
-                          100 + f)
+      phi_f, _ = self._align(ctx, mapper, r, side, old[fold_of != f], f"align_fold{f}",
+                             100 + f)
       held = old[fold_of == f]
       side_h = None if side is None else side[held]
       table[held] = np.asarray(mapper.apply(phi_f, jnp.asarray(r[held]), side_h))
@@ -497,8 +342,9 @@ class EmerFlow(methods.Method):
     if not self.use_meta or ctx.config.warmup.rule == "finetune":
       emb, state = super().refine(ctx, state, emb, batch, items, phase)
     else:
-      emb = refine_items(state["params"], ctx.model, meta_config(ctx.config),
-                         state["frozen"], emb, batch, phase=phase)
+      emb = emerflow_meta.refine_items(state["params"], ctx.model,
+                                       emerflow_meta.meta_config(ctx.config),
+                                       state["frozen"], emb, batch, phase=phase)
     g = state.get("regen")
     if g is not None:
       emb = posterior.regenerate(g["r_old"], g["e_old"], g["r"][jnp.asarray(items)], emb,

@@ -18,10 +18,11 @@ after every phase, averaged.  With ``phase_alpha`` each phase has its own step
 size: an item's first K rows call for a bolder move than its next ones.
 
 ``outer_loss="auc"`` replaces the query BCE by a pooled pairwise logistic loss
-over all query rows of the batch (a smooth 1 - AUC): the protocol scores
-emerging items by the AUC of their pooled test rows, and a step size that
-lowers each item's log loss can still rank items worse across items.  ``first_order`` stops the gradient
-through the inner gradients (the e_t path and alpha still get gradients).
+over all query rows of the batch (a smooth 1 - AUC, ``rank_loss``): the
+protocol scores emerging items by the AUC of their pooled test rows, and a
+step size that lowers each item's log loss can still rank items worse across
+items.  ``first_order`` stops the gradient through the inner gradients (the
+e_t path and alpha still get gradients).
 
 The frozen pieces (backbone params, feature tables, text vectors, side
 embeddings) travel as one pytree argument, ``frozen``, never as closure
@@ -38,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from emerflow_jax import align, pretrain, sharding, warmup
-from emerflow_jax.models import backbones
+from emerflow_jax import align, pretrain, rank_loss, sharding
+from emerflow_jax.models import backbones, scoring
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +59,15 @@ class MetaConfig:
     phase_alpha: alpha has a leading phase axis [P, ...]; phase p of a flow
       task (and warm phase p) uses ``alpha[p]``.
     outer_loss: query term of the outer loss, "bce" (mean over tasks of each
-      task's BCE) or "auc" (``pairwise_auc_loss`` over the pooled query rows).
+      task's BCE) or "auc" (``rank_loss.pairwise_auc_loss`` over the pooled
+      query rows).
     cold_in_outer: flow tasks also score the cold embedding e_0 on the query
       (the protocol's cold phase), averaged with the warm phases.
     auc_pairs: 0 scores every (positive, negative) pair of the pooled rows
-      (``pairwise_auc_loss``, quadratic in the rows); m > 0 pairs each row
-      with m sampled rows of the other class (``sampled_pairwise_auc_loss``,
-      linear in the rows, equal to the exact loss and gradient in expectation).
+      (``rank_loss.pairwise_auc_loss``, quadratic in the rows); m > 0 pairs
+      each row with m sampled rows of the other class
+      (``rank_loss.sampled_pairwise_auc_loss``, linear in the rows, equal to
+      the exact loss and gradient in expectation).
   """
   inner_steps: int = 3
   beta: float = 0.1
@@ -190,7 +193,7 @@ def cold_embedding(meta_params: dict[str, Any], mapper: align.Mapper | None,
 
 
 def _rows(batch: dict[str, jnp.ndarray], prefix: str) -> dict[str, jnp.ndarray]:
-  return {k: batch[f"{prefix}/{k}"] for k in warmup.ROW_KEYS}
+  return {k: batch[f"{prefix}/{k}"] for k in scoring.ROW_KEYS}
 
 
 def _prepared(model: backbones.Backbone, frozen: dict[str, Any],
@@ -198,10 +201,10 @@ def _prepared(model: backbones.Backbone, frozen: dict[str, Any],
   """A task's rows with their item-embedding-free forward pass done once.
 
   Every inner step (and the query scoring after each phase) changes only the
-  item embedding, so ``warmup.prepare`` computes the rest of the backbone's
+  item embedding, so ``scoring.prepare`` computes the rest of the backbone's
   work on these rows once per task, outside the inner loop.
   """
-  return warmup.prepare(model, frozen["params"], frozen["tables"], _rows(batch, prefix))
+  return scoring.prepare(model, frozen["params"], frozen["tables"], _rows(batch, prefix))
 
 
 def task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
@@ -222,13 +225,13 @@ def task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
   if not cfg.learn_alpha:
     alpha = jax.lax.stop_gradient(alpha)
   meta_params = _maybe_freeze_init(meta_params, cfg)
-  loss_fn = functools.partial(warmup.item_loss, model, frozen["params"], frozen["tables"])
+  loss_fn = functools.partial(scoring.item_loss, model, frozen["params"], frozen["tables"])
   e0 = cold_embedding(meta_params, mapper, frozen, task["item"])
   support, query = _prepared(model, frozen, task, "support"), _prepared(model, frozen,
                                                                          task, "query")
   e_t = adapt(loss_fn, e0, support, alpha, cfg.inner_steps, cfg.first_order, cfg.rule)
   l_support = loss_fn(e0, support)
-  logits = warmup.item_logits(model, frozen["params"], frozen["tables"], e_t, query)
+  logits = scoring.item_logits(model, frozen["params"], frozen["tables"], e_t, query)
   l_query = backbones.bce_loss(logits, query["labels"], query["mask"])
   outer = cfg.beta * l_support + (1 - cfg.beta) * l_query
   return outer, {"support_e0": l_support, "query_eT": l_query,
@@ -269,19 +272,19 @@ def flow_task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
   if not cfg.learn_alpha:
     alphas = jax.lax.stop_gradient(alphas)
   meta_params = _maybe_freeze_init(meta_params, cfg)
-  loss_fn = functools.partial(warmup.item_loss, model, frozen["params"], frozen["tables"])
+  loss_fn = functools.partial(scoring.item_loss, model, frozen["params"], frozen["tables"])
   e0 = cold_embedding(meta_params, mapper, frozen, task["item"])
 
   def phase(e, xs):
     rows, alpha = xs
     e = adapt(loss_fn, e, rows, alpha, cfg.inner_steps, cfg.first_order, cfg.rule)
-    logits = warmup.item_logits(model, frozen["params"], frozen["tables"], e, query)
+    logits = scoring.item_logits(model, frozen["params"], frozen["tables"], e, query)
     return e, (backbones.bce_loss(logits, query["labels"], query["mask"]), logits)
 
   _, (l_warm, logits) = jax.lax.scan(phase, e0, (support, alphas))
   l_phases = l_warm
   l_support = loss_fn(e0, jax.tree.map(lambda x: x[0], support))
-  logits0 = warmup.item_logits(model, frozen["params"], frozen["tables"], e0, query)
+  logits0 = scoring.item_logits(model, frozen["params"], frozen["tables"], e0, query)
   l_cold = backbones.bce_loss(logits0, query["labels"], query["mask"])
   if cfg.cold_in_outer:
     l_phases = jnp.concatenate([l_cold[None], l_phases])
@@ -292,112 +295,6 @@ def flow_task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
                  "query_eT": l_phases[-1], "query_logits": logits}
 
 
-def pairwise_auc_loss(logits: jnp.ndarray, labels: jnp.ndarray,
-                      mask: jnp.ndarray, block: int = 2048) -> jnp.ndarray:
-  """Mean of softplus(s_neg - s_pos) over all (positive, negative) row pairs.
-
-  A smooth upper bound on the share of mis-ordered pairs (1 - AUC) of the
-  pooled rows; rows with mask 0 take part in no pair.  With n rows the pair
-  matrix is n x n: above ``block`` rows it is summed ``block`` rows at a time
-  under ``jax.checkpoint``, so memory stays O(block * n) in the forward and
-  the backward pass (4,096 tasks x 40 query rows would otherwise need
-  hundreds of GB).
-
-  Args:
-    logits, labels, mask: any shape, same for all three (flattened).
-    block: rows per block of the pair matrix (static).
-
-  Returns:
-    scalar loss (0 when there is no pair).
-  """
-  s, y, m = logits.reshape(-1), labels.reshape(-1), mask.reshape(-1)
-  pos, neg = y * m, (1.0 - y) * m
-  n_pairs = jnp.maximum(pos.sum() * neg.sum(), 1.0)
-
-  def block_sum(s_b, pos_b):
-    return (pos_b[:, None] * neg[None, :] * jax.nn.softplus(s[None, :] - s_b[:, None])).sum()
-
-  n = s.shape[0]
-  if n <= block:
-    return block_sum(s, pos) / n_pairs
-  pad = -n % block
-  s_b = jnp.pad(s, (0, pad)).reshape(-1, block)
-  pos_b = jnp.pad(pos, (0, pad)).reshape(-1, block)  # padded rows are no positive
-  sums = jax.lax.map(lambda a: jax.checkpoint(block_sum)(*a), (s_b, pos_b))
-  return sums.sum() / n_pairs
-
-
-def sampled_pairwise_auc_loss(logits: jnp.ndarray, labels: jnp.ndarray,
-                              mask: jnp.ndarray, key: jax.Array,
-                              pairs: int) -> jnp.ndarray:
-  """An unbiased, near-linear-cost estimate of ``pairwise_auc_loss``.
-
-  The exact loss is (1 / PN) sum over positives i and negatives j of
-  f(s_j - s_i), f = softplus, i.e. both ``E_i E_j f`` and ``E_j E_i f`` with i
-  uniform over the P positives and j over the N negatives.  Each positive row
-  draws ``pairs`` negatives and each negative row ``pairs`` positives
-  (uniformly, with replacement, among the masked-in rows); the estimate
-  averages the two halves.  The draws depend on labels and mask only, never
-  on the scores, so the expected value *and gradient* (w.r.t. the scores)
-  equal the exact ones, at O(n log n + n * pairs) cost instead of O(n^2).
-
-  Args:
-    logits, labels, mask: any shape, same for all three (flattened).
-    key: PRNG key of the draws.
-    pairs: partners drawn per row (static).
-
-  Returns:
-    scalar estimate (0 when there is no pair).
-  """
-  return paired_auc_loss(logits, labels, mask,
-                         draw_auc_pairs(labels, mask, key, pairs))
-
-
-def draw_auc_pairs(labels: jnp.ndarray, mask: jnp.ndarray, key: jax.Array,
-                   pairs: int) -> jnp.ndarray:
-  """Partners of ``sampled_pairwise_auc_loss``: [n, pairs] row indices.
-
-  Row i draws ``pairs`` rows of the other class, uniformly with replacement
-  among the masked-in rows (a row with no partner class draws a masked row,
-  which ``paired_auc_loss`` weighs 0).  Depends on labels and mask only.
-  """
-  y, m = labels.reshape(-1), mask.reshape(-1)
-  pos, neg = y * m, (1.0 - y) * m
-  n = y.shape[0]
-  u = jax.random.uniform(key, (n, pairs))
-
-  def draw(weights):
-    # One stable sort puts the class's rows first; a uniform position among
-    # the first ``count`` picks one of them (weight-0 rows are never drawn).
-    members = jnp.argsort(-weights, stable=True)
-    at = jnp.minimum(jnp.floor(u * weights.sum()).astype(jnp.int32), n - 1)
-    return members[at]
-
-  return jnp.where((pos > 0)[:, None], draw(neg), draw(pos)).astype(jnp.int32)
-
-
-def paired_auc_loss(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray,
-                    partner: jnp.ndarray) -> jnp.ndarray:
-  """The pairwise logistic loss over given pairs (``draw_auc_pairs``).
-
-  Args:
-    logits, labels, mask: any shape, same for all three (flattened to [n]).
-    partner: [n, m] partner of each row.
-
-  Returns:
-    0.5 * (mean over positives of their partners' mean softplus(s_j - s_i)
-    + the same over negatives): the exact pooled loss in expectation.
-  """
-  s, y, m = logits.reshape(-1), labels.reshape(-1), mask.reshape(-1)
-  pos, neg = y * m, (1.0 - y) * m
-  is_pos = (pos > 0)[:, None]
-  s_pos = jnp.where(is_pos, s[:, None], s[partner])
-  s_neg = jnp.where(is_pos, s[partner], s[:, None])
-  w = (pos[:, None] * neg[partner] / jnp.maximum(pos.sum(), 1.0)
-       + neg[:, None] * pos[partner] / jnp.maximum(neg.sum(), 1.0))
-  return 0.5 * (w * jax.nn.softplus(s_neg - s_pos)).sum() / partner.shape[1]
-
-
 def batch_loss(meta_params: dict[str, Any], model: backbones.Backbone,
                mapper: align.Mapper | None, cfg: MetaConfig, frozen: dict[str, Any],
                batch: dict[str, jnp.ndarray], key: jax.Array | None = None
@@ -405,10 +302,10 @@ def batch_loss(meta_params: dict[str, Any], model: backbones.Backbone,
   """Outer loss of a padded batch of tasks (vmapped over tasks).
 
   "bce": the mean of the tasks' outer losses over the real tasks.  "auc":
-  ``beta * mean L(support; e_0) + (1 - beta) * mean_p pairwise_auc_loss`` of
-  the query rows of all real tasks pooled, after each phase p (sampled
-  pairs, ``sampled_pairwise_auc_loss``, when ``cfg.auc_pairs`` > 0: then
-  ``key`` draws them, one fold per phase).
+  ``beta * mean L(support; e_0) + (1 - beta) * mean_p rank_loss.pairwise_auc_loss``
+  of the query rows of all real tasks pooled, after each phase p (sampled
+  pairs, ``rank_loss.sampled_pairwise_auc_loss``, when ``cfg.auc_pairs`` > 0:
+  then ``key`` draws them, one fold per phase).
   """
   tasks = {k: v for k, v in batch.items() if k != "task_mask"}
   losses, aux = jax.vmap(task_loss, in_axes=(None, None, None, None, None, 0))(
@@ -426,10 +323,11 @@ def batch_loss(meta_params: dict[str, Any], model: backbones.Backbone,
     if key is None:
       raise ValueError("sampled pairs (auc_pairs > 0) need a key")
     keys = jax.random.split(key, logits.shape[1])
-    rank = jax.vmap(sampled_pairwise_auc_loss, in_axes=(1, None, None, 0, None))(
+    rank = jax.vmap(rank_loss.sampled_pairwise_auc_loss,
+                    in_axes=(1, None, None, 0, None))(
         logits, batch["query/labels"], mask, keys, cfg.auc_pairs).mean()
   else:
-    rank = jax.vmap(pairwise_auc_loss, in_axes=(1, None, None))(
+    rank = jax.vmap(rank_loss.pairwise_auc_loss, in_axes=(1, None, None))(
         logits, batch["query/labels"], mask).mean()
   metrics["query_rank"] = rank
   return cfg.beta * metrics["support_e0"] + (1 - cfg.beta) * rank, metrics
@@ -479,9 +377,9 @@ def adapt_items(meta_params: dict[str, Any], model: backbones.Backbone,
   Returns:
     [n, d] adapted embeddings.
   """
-  loss_fn = functools.partial(warmup.item_loss, model, frozen["params"], frozen["tables"])
-  rows = warmup.prepare(model, frozen["params"], frozen["tables"],
-                        {k: batch[k] for k in warmup.ROW_KEYS})
+  loss_fn = functools.partial(scoring.item_loss, model, frozen["params"], frozen["tables"])
+  rows = scoring.prepare(model, frozen["params"], frozen["tables"],
+                        {k: batch[k] for k in scoring.ROW_KEYS})
   alpha = step_size(meta_params, phase if cfg.phase_alpha else None)
   return jax.vmap(lambda e, r: adapt(loss_fn, e, r, alpha, cfg.inner_steps,
                                      rule=cfg.rule))(emb, rows)

@@ -206,6 +206,7 @@ class Method:
   harness carries it out and calls ``fit(ctx)`` once per seed, then
   ``cold`` and ``refine`` per item set (validation holdout, emerging items).
   ``phase`` in ``refine`` is the warm phase's index (0 = warm_a).
+  ``report(state)`` hands back what ``fit`` measured on old items.
 
   ``backbone_kinds`` names the backbones (``config.backbone``) the method can
   score with, or is None for any; a comparison whose grid has none of them
@@ -220,6 +221,12 @@ class Method:
 
   def fit(self, ctx: Context) -> Any:
     return None
+
+  def report(self, state: Any) -> dict[str, Any]:
+    """Numbers ``fit`` measured on old items only (``state`` is what it
+    returned), recorded per seed in results.json under "report"; none here."""
+    del state
+    return {}
 
   def cold(self, ctx: Context, state: Any, items: np.ndarray) -> jnp.ndarray:
     """Cold embeddings [n, d] of ``items``, before any of their rows is seen.

@@ -50,8 +50,9 @@ def summarize(config, dataset: str, per_seed: list[dict], counts: dict,
     config: the run config (``backbone``, ``method`` and the whole dict are
       recorded).
     dataset: the dataset's name.
-    per_seed: one result dict per seed ("seed", "key", "seconds" and per
-      metric ("auc", "f1", "val_auc", "val_f1") phase -> value, or None).
+    per_seed: one result dict per seed ("seed", "key", "seconds", per
+      metric ("auc", "f1", "val_auc", "val_f1") phase -> value, or None, and
+      optionally "report": the method's ``Method.report``).
     counts: the split's sizes (``Split.counts``).
     total_s: wall time of the whole run, in seconds.
 
@@ -59,7 +60,9 @@ def summarize(config, dataset: str, per_seed: list[dict], counts: dict,
     {"dataset", "backbone", "method", "config", "phases", "auc", "f1",
     "seeds", "counts", "keys", "seconds"} and "val_auc"/"val_f1" when every
     seed has them; a metric maps phase -> [n_seeds] values, and "auc"/"f1"
-    are None unless every seed scored the test rows.
+    are None unless every seed scored the test rows.  "report" (when a
+    method reports anything) maps each reported name to [n_seeds] entries,
+    e.g. "align": the alignment's held-out FVU and cold AUC on old items.
   """
   phases = list(protocol.PHASES)
   def per_phase(metric):  # None when a seed did not score it (eval.test=False)
@@ -75,6 +78,10 @@ def summarize(config, dataset: str, per_seed: list[dict], counts: dict,
   for metric in ("val_auc", "val_f1"):
     if per_phase(metric) is not None:
       out[metric] = per_phase(metric)
+  reports = [r.get("report") or {} for r in per_seed]
+  names = sorted({k for rep in reports for k in rep})
+  if names:  # what each method measured on old items, per seed
+    out["report"] = {k: [rep.get(k) for rep in reports] for k in names}
   secs = {k: float(sum(r["seconds"][k] for r in per_seed))
           for k in ("pretrain", "method")}
   if all("backbones" in r["seconds"] for r in per_seed):

@@ -207,6 +207,7 @@ def run_seed(config: ml_collections.ConfigDict, ds, split: protocol.Split,
         ds=ds, split=main.split, model=model, tables=tables, key=k_method,
         workdir=seed_dir, backbones=pre, vectors=vectors, writer=writer)
     state = method.fit(ctx)
+    report = method.report(state)
     val, preds = None, {}
     if holdout is not None:
       val, p = evaluate_items(method, ctx, state, holdout.items, holdout.warm_rows,
@@ -230,6 +231,7 @@ def run_seed(config: ml_collections.ConfigDict, ds, split: protocol.Split,
          "f1": test["f1"] if test else None,
          "val_auc": val["auc"] if val else None,
          "val_f1": val["f1"] if val else None,
+         "report": report,
          "seconds": {"pretrain": t_pre - t0, "method": t_end - t_pre,
                      "total": t_end - t0,
                      "backbones": float(sum(p.seconds for p in pre.values()))}}

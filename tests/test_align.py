@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emerflow_jax import align, protocol, tasks
+from emerflow_jax import align, align_diagnostics, closedform, protocol, tasks
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones, layers
 
@@ -94,7 +94,7 @@ def test_ridge_equals_normal_equations_for_wide_and_tall_inputs():
   for n, big_d in ((60, 12), (20, 50)):  # n > D and n < D (the ML-100K case)
     r, e = _regression(n=n, big_d=big_d)
     for lam in (0.1, 10.0):
-      p = align.fit_ridge(r, e, lam)["linear"]
+      p = closedform.fit_ridge(r, e, lam)["linear"]
       np.testing.assert_allclose(p["w"], _np_ridge(r, e, lam), rtol=2e-3, atol=2e-4)
       want = (np.asarray(r[:4]) - np.asarray(r).mean(0)) @ _np_ridge(r, e, lam) + np.asarray(
           e).mean(0)
@@ -104,7 +104,7 @@ def test_ridge_equals_normal_equations_for_wide_and_tall_inputs():
 
 def test_huge_lambda_predicts_the_mean():
   r, e = _regression()
-  p = align.fit_ridge(r, e, 1e9)
+  p = closedform.fit_ridge(r, e, 1e9)
   np.testing.assert_allclose(align.apply("ridge", p, r), np.broadcast_to(e.mean(0), e.shape),
                              atol=1e-4)
 
@@ -115,10 +115,10 @@ def test_lowrank_projects_the_ridge_map_on_its_top_output_directions():
   rc = np.asarray(r, np.float64) - np.asarray(r).mean(0)
   _, _, vt = np.linalg.svd(rc @ w, full_matrices=False)
   for rank in (1, 2):
-    got = align.fit_lowrank(r, e, 1.0, rank)["linear"]["w"]
+    got = closedform.fit_lowrank(r, e, 1.0, rank)["linear"]["w"]
     np.testing.assert_allclose(got, w @ vt[:rank].T @ vt[:rank], rtol=2e-3, atol=2e-4)
     assert np.linalg.matrix_rank(np.asarray(got), tol=1e-4) == rank
-  full = align.fit_lowrank(r, e, 1.0, 4)["linear"]["w"]
+  full = closedform.fit_lowrank(r, e, 1.0, 4)["linear"]["w"]
   np.testing.assert_allclose(full, w, rtol=2e-3, atol=2e-4)
 
 
@@ -129,7 +129,7 @@ def test_knn_is_a_masked_softmax_average_of_the_nearest_old_items():
   q = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
   sims = np.asarray(q / jnp.linalg.norm(q, axis=-1, keepdims=True)) @ np.asarray(
       r / jnp.linalg.norm(r, axis=-1, keepdims=True)).T
-  p = align.fit_knn(r, e, 3, 0.2)
+  p = closedform.fit_knn(r, e, 3, 0.2)
   got = np.asarray(align.apply("knn", p, q))
   for i in range(4):
     top = np.argsort(-sims[i])[:3]
@@ -138,31 +138,31 @@ def test_knn_is_a_masked_softmax_average_of_the_nearest_old_items():
                                atol=1e-5)
   # k=1 returns the nearest item's embedding; an item outside every top-3
   # (its embedding changed) changes nothing.
-  np.testing.assert_allclose(align.apply("knn", align.fit_knn(r, e, 1, 0.2), q),
+  np.testing.assert_allclose(align.apply("knn", closedform.fit_knn(r, e, 1, 0.2), q),
                              np.asarray(e)[np.argmax(sims, 1)], rtol=1e-5)
   far = int(np.setdiff1d(np.arange(10), np.argsort(-sims, 1)[:, :3])[0])
-  p2 = align.fit_knn(r, e.at[far].set(100.0), 3, 0.2)
+  p2 = closedform.fit_knn(r, e.at[far].set(100.0), 3, 0.2)
   np.testing.assert_allclose(align.apply("knn", p2, q), got, rtol=1e-6)
 
 
 def test_fit_cv_picks_the_lambda_with_the_lowest_out_of_fold_fvu():
   r, e = _regression(n=50, big_d=40, noise=2.0)
   key = jax.random.key(3)
-  _, chosen, score = align.fit_cv("ridge", r, e, key, folds=5)
-  fold = align.fold_ids(50, 5, key)
+  _, chosen, score = closedform.fit_cv("ridge", r, e, key, folds=5)
+  fold = closedform.fold_ids(50, 5, key)
   assert sorted(np.bincount(fold)) == [10] * 5
   rn, en = np.asarray(r, np.float64), np.asarray(e, np.float64)
   scores = []
-  for lam in align.LAMBDAS:
+  for lam in closedform.LAMBDAS:
     pred = np.zeros_like(en)
     for f in range(5):
       tr, te = fold != f, fold == f
       pred[te] = (rn[te] - rn[tr].mean(0)) @ _np_ridge(rn[tr], en[tr], lam) + en[tr].mean(0)
     scores.append(((pred - en) ** 2).sum() / ((en - en.mean(0)) ** 2).sum())
-  assert chosen["ridge_lambda"] == align.LAMBDAS[int(np.argmin(scores))]
+  assert chosen["ridge_lambda"] == closedform.LAMBDAS[int(np.argmin(scores))]
   np.testing.assert_allclose(score, min(scores), rtol=1e-3)
   # A given lambda is kept, not searched.
-  assert align.fit_cv("ridge", r, e, key, ridge_lambda=7.0)[1] == {"ridge_lambda": 7.0}
+  assert closedform.fit_cv("ridge", r, e, key, ridge_lambda=7.0)[1] == {"ridge_lambda": 7.0}
 
 
 def test_mapper_applies_closed_forms_per_item_and_in_batch_without_recompiling():
@@ -170,7 +170,7 @@ def test_mapper_applies_closed_forms_per_item_and_in_batch_without_recompiling()
   mapper = align.Mapper(out_dim=3)
   for kind in ("ridge", "lowrank", "knn"):
     for shrink in ("none", "global", "gate"):
-      phi, _ = align.fit_phi(kind, r, e, jax.random.key(0), shrink=shrink)
+      phi, _ = closedform.fit_phi(kind, r, e, jax.random.key(0), shrink=shrink)
       batch = mapper.apply(phi, r[:6])
       one = jax.vmap(lambda x: mapper.apply(phi, x))(r[:6])  # per-item, as meta vmaps
       np.testing.assert_allclose(one, batch, rtol=1e-5, atol=1e-6)
@@ -187,7 +187,7 @@ def test_mapper_applies_closed_forms_per_item_and_in_batch_without_recompiling()
 def test_fit_mlp_lowers_the_mse_and_apply_rebuilds_its_mapper():
   r, e = _regression()
   phi = align.fit_mlp(r, e, jax.random.key(0), hidden=(8,), steps=200, lr=1e-2)
-  assert align.fvu(align.apply("mlp", phi, r), e) < 0.5
+  assert closedform.fvu(align.apply("mlp", phi, r), e) < 0.5
   want = align.Mapper(out_dim=3, hidden=(8,)).apply(phi, r)
   np.testing.assert_array_equal(align.apply("mlp", phi, r), want)
 
@@ -197,10 +197,10 @@ def test_diagnostics_on_an_exact_text_recover_the_own_embedding():
   items = np.asarray(split.old_items)
   e = align.targets(params, tables, items)
   rows = tasks.pack_flat(ds, split.base_rows)
-  d = align.diagnostics("ridge", e, e, items, model, params, tables, rows, jax.random.key(0),
+  d = align_diagnostics.diagnostics("ridge", e, e, items, model, params, tables, rows, jax.random.key(0),
                         folds=3, ridge_lambda=1e-8)
   assert d["heldout_fvu"] < 1e-3 and d["n_rows"] == len(split.base_rows)
   assert abs(d["heldout_auc"] - d["heldout_auc_own"]) < 1e-3
   with np.testing.assert_raises(ValueError):  # rows of items it was not given
-    align.diagnostics("ridge", e[:-1], e[:-1], items[:-1], model, params, tables, rows,
+    align_diagnostics.diagnostics("ridge", e[:-1], e[:-1], items[:-1], model, params, tables, rows,
                       jax.random.key(0), folds=3, ridge_lambda=1e-8)

@@ -14,6 +14,7 @@ import pytest
 
 from emerflow_jax import protocol
 from emerflow_jax.data import clinical_trials as ct
+from emerflow_jax.data import clinical_trials_files as ct_files
 from emerflow_jax.data import dataset
 from experiments.configs import clinical_trials as ct_config
 
@@ -49,23 +50,23 @@ DATES = {1: "March 1999", 2: "", 5: "July 15, 1994", 6: "January 2000",
 
 def _write(folder: pathlib.Path, edits: dict[str, list[str]] | None = None):
   """Writes the hand-made folder; ``edits`` appends raw lines to a file."""
-  files = {ct.MAPPING: ["\t".join(ct.MAPPING_COLUMNS)] + [
+  files = {ct_files.MAPPING: ["\t".join(ct_files.MAPPING_COLUMNS)] + [
       f"{_nct(n)}\t{d}\tDrug {d[-1]} hydrochloride\t{u}\tDisease {u[-1]} "
       "syndrome" for n, d, u in MAPPING_ROWS]}
-  for rel in ct.TRIALBENCH:
+  for rel in ct_files.TRIALBENCH:
     files[rel] = [",outcome"] + [f"{_nct(n)},{y}"
                                  for n, y in TRIALBENCH.get(rel, [])]
-  files[ct.IQVIA] = ["studyid,trialOutcome"] + [f'{_nct(n)},"{o}"'
+  files[ct_files.IQVIA] = ["studyid,trialOutcome"] + [f'{_nct(n)},"{o}"'
                                                for n, o in IQVIA_ROWS]
-  files[ct.OUTCOME_MAP] = [f"{o}\t{y}" for o, y in OUTCOMES.items()]
-  files[ct.DATES] = [f"{_nct(n)}\t{d}\t{'June 2004' if d else ''}"
+  files[ct_files.OUTCOME_MAP] = [f"{o}\t{y}" for o, y in OUTCOMES.items()]
+  files[ct_files.DATES] = [f"{_nct(n)}\t{d}\t{'June 2004' if d else ''}"
                      for n, d in DATES.items()]
   for rel, lines in (edits or {}).items():
     files[rel] = files[rel] + lines
   for rel, lines in files.items():
     path = folder / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    newline = "\r\n" if rel == ct.IQVIA else "\n"  # the real IQVIA file is CRLF
+    newline = "\r\n" if rel == ct_files.IQVIA else "\n"  # the real IQVIA file is CRLF
     path.write_bytes((newline.join(lines) + newline).encode("utf-8"))
   return folder
 
@@ -99,7 +100,7 @@ def test_label_join_conflicts_and_unknowns(tmp_path):
 
 
 def test_join_labels_alone():
-  labels, stats = ct.join_labels({"A": 1, "B": 0}, {
+  labels, stats = ct_files.join_labels({"A": 1, "B": 0}, {
       "A": {0}, "B": {0, -1}, "C": {1, 1}, "D": {-1}, "E": {0, 1}})
   assert labels == {"A": (1, "trialbench"), "B": (0, "trialbench"),
                     "C": (1, "iqvia")}
@@ -175,17 +176,17 @@ def test_guard_drops_straddling_and_combination_rows():
 
 
 @pytest.mark.parametrize("rel, bad, lineno, message", [
-    (ct.MAPPING, f"{_nct(9)}\tDB1\tX\tDOID:1\tY", 11, "'DB1' is not a DrugBank"),
-    (ct.MAPPING, f"{_nct(9)}\tDB00001\tX\t1\tY", 11, "'1' is not a Disease Ont"),
-    (ct.MAPPING, f"{_nct(9)}\tDB00001\tX", 11, "expected 5 tab-separated"),
-    (ct.MAPPING, "NCT9\tDB00001\tX\tDOID:1\tY", 11, "'NCT9' is not an NCT id"),
+    (ct_files.MAPPING, f"{_nct(9)}\tDB1\tX\tDOID:1\tY", 11, "'DB1' is not a DrugBank"),
+    (ct_files.MAPPING, f"{_nct(9)}\tDB00001\tX\t1\tY", 11, "'1' is not a Disease Ont"),
+    (ct_files.MAPPING, f"{_nct(9)}\tDB00001\tX", 11, "expected 5 tab-separated"),
+    (ct_files.MAPPING, "NCT9\tDB00001\tX\tDOID:1\tY", 11, "'NCT9' is not an NCT id"),
     ("trialbench/Phase3/train_y.csv", f"{_nct(9)},2", 2, "outcome '2' is not"),
     ("trialbench/Phase4/test_y.csv", f"{_nct(1)},0", 2, "already labelled at"),
-    (ct.IQVIA, f'{_nct(9)},"Completed, Maybe"', 10, "'Completed, Maybe' is not"),
-    (ct.IQVIA, f"{_nct(9)},a,b", 10, "expected 2 comma-separated"),
-    (ct.DATES, f"{_nct(9)}\tSpring 2001\t", 6, "'Spring 2001' is not"),
-    (ct.DATES, f"{_nct(1)}\tMay 2001\t", 6, "has a second line"),
-    (ct.OUTCOME_MAP, "Completed, Maybe\t2", 6, "with label 1, 0 or -1"),
+    (ct_files.IQVIA, f'{_nct(9)},"Completed, Maybe"', 10, "'Completed, Maybe' is not"),
+    (ct_files.IQVIA, f"{_nct(9)},a,b", 10, "expected 2 comma-separated"),
+    (ct_files.DATES, f"{_nct(9)}\tSpring 2001\t", 6, "'Spring 2001' is not"),
+    (ct_files.DATES, f"{_nct(1)}\tMay 2001\t", 6, "has a second line"),
+    (ct_files.OUTCOME_MAP, "Completed, Maybe\t2", 6, "with label 1, 0 or -1"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, rel, bad, lineno, message):
   _write(tmp_path, {rel: [bad]})
@@ -197,12 +198,12 @@ def test_malformed_rows_name_file_and_line(tmp_path, rel, bad, lineno, message):
 
 def test_bad_header_and_missing_files(tmp_path):
   _write(tmp_path)
-  path = tmp_path / ct.MAPPING
+  path = tmp_path / ct_files.MAPPING
   path.write_text("nct_id\tcompound_id\nNCT00000001\tDB00001\n")
   with pytest.raises(dataset.DataError, match=f"{path}:1: header"):
     ct.load_clinical_trials(tmp_path)
-  (tmp_path / ct.DATES).unlink()
-  with pytest.raises(dataset.DataError, match=ct.DATES):
+  (tmp_path / ct_files.DATES).unlink()
+  with pytest.raises(dataset.DataError, match=ct_files.DATES):
     ct.load_clinical_trials(tmp_path)
 
 

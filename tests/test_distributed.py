@@ -1,8 +1,8 @@
 """Two processes x 2 CPU devices on localhost == one process x 4 devices.
 
-Meta-training (``emerflow.run_meta_training``: the default flow tasks and
+Meta-training (``emerflow_meta.run_meta_training``: the default flow tasks and
 pooled pairwise loss, a collective Orbax checkpoint) and the warm-up
-(``emerflow.refine_items``, ``warmup.finetune``) run over 4 global devices
+(``emerflow_meta.refine_items``, ``warmup.finetune``) run over 4 global devices
 that two processes share, joined by ``sharding.maybe_initialize_distributed``
 from the environment the binaries read.  Each process (``_checks``) saves its
 results; they must equal each other and a single 4-device process to 1e-5.
@@ -34,7 +34,8 @@ def _checks(workdir: str, out_file: str) -> None:
   joined = sharding.maybe_initialize_distributed(timeout_s=300)
   import jax
   import jax.numpy as jnp
-  from emerflow_jax import emerflow, meta, methods, protocol, tasks, warmup
+  from emerflow_jax import emerflow_meta, meta, methods, protocol, tasks, warmup
+  from emerflow_jax.models import scoring
   from experiments.configs import synthetic as synthetic_config
   from tests import test_sharding
 
@@ -52,18 +53,18 @@ def _checks(workdir: str, out_file: str) -> None:
   ctx = methods.context_for(config, ds, split, model, frozen["tables"],
                             frozen["params"], jax.random.key(1),
                             pathlib.Path(workdir) / "run")
-  trained = emerflow.run_meta_training(ctx, mapper, init, frozen,
+  trained = emerflow_meta.run_meta_training(ctx, mapper, init, frozen,
                                        ctx.workdir / "meta", mesh=mesh)
 
   # Warm-up of 7 items (not a multiple of 4) with the learned rule...
   items = split.emerging_items[:7]
   phase = tasks.pack_phase(ds, split.warm_rows["warm_b"][:7])
   emb0 = meta.cold_embedding(trained, mapper, frozen, jnp.asarray(items))
-  refined = emerflow.refine_items(trained, model, emerflow.meta_config(config),
+  refined = emerflow_meta.refine_items(trained, model, emerflow_meta.meta_config(config),
                                   frozen, emb0, phase, mesh, phase=PHASE)
   # ...and by the shared fine-tuning, on global arrays built here.
   emb_s, rows_s = sharding.shard_tasks(
-      (emb0, {k: phase[k] for k in warmup.ROW_KEYS}), mesh)
+      (emb0, {k: phase[k] for k in scoring.ROW_KEYS}), mesh)
   params_r, tables_r = sharding.replicate((frozen["params"], frozen["tables"]), mesh)
   tuned = warmup.finetune(model, params_r, tables_r, emb_s, rows_s, steps=3, lr=1e-2)
   out = {f"trained/{i}": np.asarray(x)

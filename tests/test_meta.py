@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from emerflow_jax import align, meta, protocol, tasks, warmup
+from emerflow_jax import align, meta, protocol, rank_loss, tasks
 from emerflow_jax.data import synthetic
-from emerflow_jax.models import backbones
+from emerflow_jax.models import backbones, scoring
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_adapt_gradient_matches_finite_differences(world):
   """d L(query; e_T) / d alpha via jax.grad vs central differences."""
   b = _one_task({k: jnp.asarray(v) for k, v in world["batch"].items()}, 0)
   fr = world["frozen"]
-  loss_fn = functools.partial(warmup.item_loss, world["model"], fr["params"], fr["tables"])
+  loss_fn = functools.partial(scoring.item_loss, world["model"], fr["params"], fr["tables"])
   sup = {k: b[f"support/{k}"] for k in ("users", "items", "labels", "mask")}
   qry = {k: b[f"query/{k}"] for k in ("users", "items", "labels", "mask")}
   e0 = jnp.linspace(-0.3, 0.3, 4)
@@ -148,7 +148,7 @@ def test_adapt_items_equals_per_item_adapt(world):
   emb = jax.random.normal(jax.random.key(2), (n, 4)) * 0.1
   fr = world["frozen"]
   out = meta.adapt_items(world["meta_params"], world["model"], cfg, fr, emb, batch)
-  loss_fn = functools.partial(warmup.item_loss, world["model"], fr["params"], fr["tables"])
+  loss_fn = functools.partial(scoring.item_loss, world["model"], fr["params"], fr["tables"])
   for i in range(n):
     rows = {k: v[i] for k, v in batch.items()}
     e = meta.adapt(loss_fn, emb[i], rows, meta.step_size(world["meta_params"]), 3)
@@ -195,7 +195,7 @@ def test_flow_task_is_phases_in_sequence_with_their_own_step_sizes(world, flow):
   cfg = _flow_cfg(beta=0.3)
   task = _one_task(flow["batch"], 0)
   fr = world["frozen"]
-  loss_fn = functools.partial(warmup.item_loss, world["model"], fr["params"], fr["tables"])
+  loss_fn = functools.partial(scoring.item_loss, world["model"], fr["params"], fr["tables"])
   rows = lambda prefix, p=None: {k: (task[f"{prefix}/{k}"] if p is None
                                      else task[f"{prefix}/{k}"][p])
                                  for k in ("users", "items", "labels", "mask")}
@@ -257,17 +257,17 @@ def test_pairwise_auc_loss_matches_a_loop_over_pairs():
       if m[a] and m[b] and y[a] == 1 and y[b] == 0:
         total += np.log1p(np.exp(s[b] - s[a]))
         n += 1
-  np.testing.assert_allclose(meta.pairwise_auc_loss(s, y, m), total / n, rtol=1e-5)
+  np.testing.assert_allclose(rank_loss.pairwise_auc_loss(s, y, m), total / n, rtol=1e-5)
   # Perfectly ordered, widely separated scores: loss ~0; reversed: large.
   y1 = np.array([1, 1, 0, 0], np.float32)
-  good = meta.pairwise_auc_loss(np.array([9., 8., -8., -9.]), y1, np.ones(4))
-  bad = meta.pairwise_auc_loss(np.array([-9., -8., 8., 9.]), y1, np.ones(4))
+  good = rank_loss.pairwise_auc_loss(np.array([9., 8., -8., -9.]), y1, np.ones(4))
+  bad = rank_loss.pairwise_auc_loss(np.array([-9., -8., 8., 9.]), y1, np.ones(4))
   assert float(good) < 1e-6 < 16 < float(bad)
-  assert float(meta.pairwise_auc_loss(s, np.ones_like(y), m)) == 0.0  # no pair
+  assert float(rank_loss.pairwise_auc_loss(s, np.ones_like(y), m)) == 0.0  # no pair
   # Blockwise (memory-bounded) summation: same value and gradient.
-  dense = jax.value_and_grad(meta.pairwise_auc_loss)(s, y, m)
+  dense = jax.value_and_grad(rank_loss.pairwise_auc_loss)(s, y, m)
   for block in (4, 7):
-    blocked = jax.value_and_grad(meta.pairwise_auc_loss)(s, y, m, block)
+    blocked = jax.value_and_grad(rank_loss.pairwise_auc_loss)(s, y, m, block)
     np.testing.assert_allclose(blocked[0], dense[0], rtol=1e-6)
     np.testing.assert_allclose(blocked[1], dense[1], rtol=1e-5, atol=1e-7)
 
@@ -282,10 +282,10 @@ def _small_pool(seed=0, n=14):
 
 def test_sampled_pairs_give_the_exact_loss_and_gradient_in_expectation():
   s, y, m = _small_pool()
-  exact, g_exact = jax.value_and_grad(meta.pairwise_auc_loss)(s, y, m)
+  exact, g_exact = jax.value_and_grad(rank_loss.pairwise_auc_loss)(s, y, m)
   draws = 20000
   keys = jax.random.split(jax.random.key(0), draws)
-  vals, grads = jax.jit(jax.vmap(jax.value_and_grad(meta.sampled_pairwise_auc_loss),
+  vals, grads = jax.jit(jax.vmap(jax.value_and_grad(rank_loss.sampled_pairwise_auc_loss),
                                  in_axes=(None, None, None, 0, None)), static_argnums=4)(
       s, y, m, keys, 2)
   vals, grads = np.asarray(vals, np.float64), np.asarray(grads, np.float64)
@@ -307,17 +307,17 @@ def test_sampled_pairs_are_exact_with_one_pair_and_ignore_masked_rows():
   y = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
   m = np.array([1.0, 1.0, 0.0, 0.0], np.float32)  # one positive, one negative
   key = jax.random.key(3)
-  exact = jax.value_and_grad(meta.pairwise_auc_loss)(s, y, m)
-  got = jax.value_and_grad(meta.sampled_pairwise_auc_loss)(s, y, m, key, 3)
+  exact = jax.value_and_grad(rank_loss.pairwise_auc_loss)(s, y, m)
+  got = jax.value_and_grad(rank_loss.sampled_pairwise_auc_loss)(s, y, m, key, 3)
   np.testing.assert_allclose(got[0], exact[0], rtol=1e-6)
   np.testing.assert_allclose(got[1], exact[1], rtol=1e-6, atol=1e-8)
   s2, y2, m2 = _small_pool(1)
   garbled = np.where(m2 == 0, 100.0, s2).astype(np.float32)
   y_garbled = np.where(m2 == 0, 1.0 - y2, y2).astype(np.float32)
-  np.testing.assert_allclose(meta.sampled_pairwise_auc_loss(s2, y2, m2, key, 4),
-                             meta.sampled_pairwise_auc_loss(garbled, y_garbled, m2, key, 4),
+  np.testing.assert_allclose(rank_loss.sampled_pairwise_auc_loss(s2, y2, m2, key, 4),
+                             rank_loss.sampled_pairwise_auc_loss(garbled, y_garbled, m2, key, 4),
                              rtol=1e-6)
-  assert float(meta.sampled_pairwise_auc_loss(s2, np.ones_like(y2), m2, key, 4)) == 0.0
+  assert float(rank_loss.sampled_pairwise_auc_loss(s2, np.ones_like(y2), m2, key, 4)) == 0.0
 
 
 def test_sampled_auc_outer_loss_needs_a_key_and_follows_the_exact_one(world, flow):
@@ -343,7 +343,7 @@ def test_auc_outer_loss_pools_the_query_rows_of_every_task(world, flow):
   logits = np.stack([np.asarray(a["query_logits"]) for a in per])  # [n, P, Q]
   labels = np.asarray(b["query/labels"][:real])
   mask = np.asarray(b["query/mask"][:real])
-  rank = np.mean([meta.pairwise_auc_loss(logits[:, p], labels, mask) for p in range(3)])
+  rank = np.mean([rank_loss.pairwise_auc_loss(logits[:, p], labels, mask) for p in range(3)])
   want = 0.2 * np.mean([a["support_e0"] for a in per]) + 0.8 * rank
   got, metrics = meta.batch_loss(flow["meta_params"], *args, b)
   np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emerflow_jax import align, pretrain, prior, tasks
+from emerflow_jax import align, align_diagnostics, closedform, pretrain, prior, tasks
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 
@@ -82,7 +82,7 @@ def test_prior_trusts_informative_predictions_and_falls_back_to_the_mean(kind):
   s = prior.factor(p, r, oof)
   assert 0.3 < float(s.mean()) < 0.7  # ~ 1 / (1 + 1): half signal, half noise
   shrunk = prior.apply(p, r, oof)
-  assert align.fvu(shrunk, e) < min(align.fvu(oof, e), 1.0)
+  assert closedform.fvu(shrunk, e) < min(closedform.fvu(oof, e), 1.0)
   # Predictions anti-correlated with the targets: exactly the mean.
   (r, e, oof), fold = _world(-1.0)
   p = prior.fit(kind, r, e, oof, fold)
@@ -105,7 +105,7 @@ def test_gate_uses_neighbour_agreement():
   s = prior.factor(prior.fit("gate", r, e, oof, fold), r, oof)
   assert float(s[good].mean()) > float(s[~good].mean()) + 0.2
   glob = prior.fit("global", r, e, oof, fold)
-  assert align.fvu(prior.apply(prior.fit("gate", r, e, oof, fold), r, oof), e) < align.fvu(
+  assert closedform.fvu(prior.apply(prior.fit("gate", r, e, oof, fold), r, oof), e) < closedform.fvu(
       prior.apply(glob, r, oof), e)
 
 
@@ -128,7 +128,7 @@ def test_informative_text_approaches_the_true_factors(synthetic_backbone):
   ds, model, tables, rows, params = synthetic_backbone
   items = np.arange(ds.n_items)
   e = align.targets(params, tables, items)
-  run = lambda v, **kw: align.diagnostics(
+  run = lambda v, **kw: align_diagnostics.diagnostics(
       "ridge", align.standardize(v, items), e, items, model, params, tables, rows,
       jax.random.key(1), **kw)
   text = run(ds.item_vectors, shrink="gate")
@@ -146,7 +146,7 @@ def test_pure_noise_text_falls_back_to_the_mean_embedding(synthetic_backbone, ki
                                    seed=0)  # same world, the text drowned in noise
   assert np.array_equal(noise.labels, ds.labels)
   items = np.arange(ds.n_items)
-  d = align.diagnostics(kind, align.standardize(noise.item_vectors, items),
+  d = align_diagnostics.diagnostics(kind, align.standardize(noise.item_vectors, items),
                         align.targets(params, tables, items), items, model, params, tables,
                         rows, jax.random.key(1), shrink="gate")
   assert d["heldout_fvu_shrunk"] < 1.01

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from emerflow_jax import align, emerflow, meta, methods, protocol, sharding, tasks
+from emerflow_jax import align, emerflow_meta, meta, methods, protocol, sharding, tasks
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 
@@ -134,7 +134,7 @@ def _four_device_checks(workdir: str) -> dict:
   emb = meta.cold_embedding(meta_params, mapper, frozen, jnp.asarray(items))
   plain = meta.adapt_items(meta_params, model, cfg, frozen, emb,
                            {k: jnp.asarray(v) for k, v in phase.items()})
-  sharded = emerflow.refine_items(meta_params, model, cfg, frozen, emb, phase, four)
+  sharded = emerflow_meta.refine_items(meta_params, model, cfg, frozen, emb, phase, four)
   out["adapt_shape_ok"] = sharded.shape == plain.shape
   out["adapt_moved"] = float(np.max(np.abs(np.asarray(plain) - np.asarray(emb))))
   out["adapt_diff"] = _max_diff(sharded, plain)
@@ -154,7 +154,7 @@ def _four_device_checks(workdir: str) -> dict:
     ctx = methods.context_for(config, ds, split, model, frozen["tables"],
                               frozen["params"], jax.random.key(1),
                               pathlib.Path(workdir) / name)
-    trained[name] = emerflow.run_meta_training(ctx, mapper, flow_params, frozen,
+    trained[name] = emerflow_meta.run_meta_training(ctx, mapper, flow_params, frozen,
                                                ctx.workdir / "meta", mesh=mesh)
   out["train_param_diff"] = _max_diff(trained["four"], trained["one"])
   out["train_moved"] = _max_diff(trained["one"], flow_params)

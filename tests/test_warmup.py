@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from emerflow_jax import tasks, warmup
-from emerflow_jax.models import backbones
+from emerflow_jax.models import backbones, scoring
 
 STEPS, LR = 4, 0.05
 
@@ -48,7 +48,7 @@ def test_finetune_lowers_each_items_loss(tiny_ds, tiny_split, tiny_backbone):
   out = warmup.finetune(bb.model, bb.params, bb.tables, emb, batch,
                         steps=STEPS, lr=LR)
   per_item = jax.jit(jax.vmap(
-      lambda e, r: warmup.item_loss(bb.model, bb.params, bb.tables, e, r)))
+      lambda e, r: scoring.item_loss(bb.model, bb.params, bb.tables, e, r)))
   assert np.all(np.asarray(per_item(out, batch)) < np.asarray(per_item(emb, batch)))
 
 
@@ -110,7 +110,7 @@ def test_item_loss_ignores_masked_rows(tiny_ds, tiny_split, tiny_backbone):
   one = {k: v[0] for k, v in batch.items()}
   e = _emb(1)[0]
   half = dict(one, mask=one["mask"].at[3:].set(0.0))
-  loss = jax.jit(lambda e, r: warmup.item_loss(bb.model, bb.params, bb.tables, e, r))
+  loss = jax.jit(lambda e, r: scoring.item_loss(bb.model, bb.params, bb.tables, e, r))
   # Masked rows may hold anything.
   noisy = dict(half, labels=half["labels"].at[3:].set(1.0 - half["labels"][3:]),
                users=half["users"].at[3:].set(0))
@@ -132,7 +132,7 @@ def test_finetune_on_prepared_rows_equals_the_full_forward_fine_tuning(
   @jax.jit
   def reference(e):  # the plain loop: every step runs the full forward pass
     def total(e):
-      return jax.vmap(lambda x, r: warmup.item_loss(bb.model, bb.params, bb.tables, x, r))(
+      return jax.vmap(lambda x, r: scoring.item_loss(bb.model, bb.params, bb.tables, x, r))(
           e, batch).sum()
     opt = tx.init(e)
     for _ in range(STEPS):
@@ -140,7 +140,7 @@ def test_finetune_on_prepared_rows_equals_the_full_forward_fine_tuning(
       e = optax.apply_updates(e, upd)
     return e
 
-  assert "prep" in warmup.prepare(bb.model, bb.params, bb.tables, batch)
+  assert "prep" in scoring.prepare(bb.model, bb.params, bb.tables, batch)
   out = warmup.finetune(bb.model, bb.params, bb.tables, emb, batch, steps=STEPS, lr=LR)
   np.testing.assert_allclose(out, reference(emb), rtol=1e-5, atol=1e-6)
   assert not np.allclose(out, emb)

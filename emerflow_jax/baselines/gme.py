@@ -44,10 +44,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from emerflow_jax import checkpoint, methods, pretrain, tasks, warmup
+from emerflow_jax import checkpoint, methods, pretrain, tasks
 from emerflow_jax.baselines import metaemb
 from emerflow_jax.data import dataset as dataset_lib
-from emerflow_jax.models import backbones
+from emerflow_jax.models import backbones, scoring
 
 
 def shared_attributes(ds: dataset_lib.Dataset, items: np.ndarray,
@@ -161,11 +161,11 @@ def task_loss(gen: GMEA, gen_params: Any, model: backbones.Backbone, params: Any
               task: dict[str, jnp.ndarray], inner_lr: float, alpha: float) -> jnp.ndarray:
   """alpha * L_a(e0) + (1 - alpha) * L_b(e1) of one task (unbatched leaves)."""
   e0 = generate(gen, gen_params, params, tables, task["item"][None], *nbrs)[0]
-  sup = {k: task[f"support/{k}"] for k in warmup.ROW_KEYS}
-  qry = {k: task[f"query/{k}"] for k in warmup.ROW_KEYS}
-  loss_a = warmup.item_loss(model, params, tables, e0, sup)
+  sup = {k: task[f"support/{k}"] for k in scoring.ROW_KEYS}
+  qry = {k: task[f"query/{k}"] for k in scoring.ROW_KEYS}
+  loss_a = scoring.item_loss(model, params, tables, e0, sup)
   e1 = metaemb.inner_step(model, params, tables, e0, sup, inner_lr)
-  return alpha * loss_a + (1.0 - alpha) * warmup.item_loss(model, params, tables, e1, qry)
+  return alpha * loss_a + (1.0 - alpha) * scoring.item_loss(model, params, tables, e1, qry)
 
 
 def make_epoch_fn(gen: GMEA, model: backbones.Backbone, tx: optax.GradientTransformation,

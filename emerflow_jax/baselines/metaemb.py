@@ -31,8 +31,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from emerflow_jax import checkpoint, methods, pretrain, tasks, warmup
-from emerflow_jax.models import backbones
+from emerflow_jax import checkpoint, methods, pretrain, tasks
+from emerflow_jax.models import backbones, scoring
 
 # ---------------------------------------------------------------------------
 # Shared by the side-information baselines.
@@ -131,7 +131,7 @@ def inner_step(model: backbones.Backbone, params: Any, tables: backbones.Tables,
   Returns:
     [d] the updated embedding.
   """
-  grad = jax.grad(warmup.item_loss, argnums=3)(model, params, tables, emb, rows)
+  grad = jax.grad(scoring.item_loss, argnums=3)(model, params, tables, emb, rows)
   return emb - lr * grad
 
 
@@ -156,9 +156,9 @@ def task_loss(gen: nn.Module, gen_params: Any, model: backbones.Backbone,
   side = side_embeddings(backbone_embed(params), tables, task["item"])
   e0 = gen.apply(gen_params, side)
   support, query = _rows(task, "support"), _rows(task, "query")
-  loss_a = warmup.item_loss(model, params, tables, e0, support)
+  loss_a = scoring.item_loss(model, params, tables, e0, support)
   e1 = inner_step(model, params, tables, e0, support, inner_lr)
-  loss_b = warmup.item_loss(model, params, tables, e1, query)
+  loss_b = scoring.item_loss(model, params, tables, e1, query)
   return alpha * loss_a + (1.0 - alpha) * loss_b
 
 

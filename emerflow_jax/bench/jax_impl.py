@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from emerflow_jax import meta
+from emerflow_jax import meta, rank_loss
 from emerflow_jax.bench import world as world_lib
 
 
@@ -49,10 +49,11 @@ def pooled_outer(mcfg: meta.MetaConfig, support: jnp.ndarray, task_losses: jnp.n
     return task_losses.mean()
   if mcfg.auc_pairs > 0:
     keys = jax.random.split(key, logits.shape[1])
-    rank = jax.vmap(meta.sampled_pairwise_auc_loss, in_axes=(1, None, None, 0, None))(
+    rank = jax.vmap(rank_loss.sampled_pairwise_auc_loss,
+                    in_axes=(1, None, None, 0, None))(
         logits, labels, mask, keys, mcfg.auc_pairs).mean()
   else:
-    rank = jax.vmap(meta.pairwise_auc_loss, in_axes=(1, None, None))(
+    rank = jax.vmap(rank_loss.pairwise_auc_loss, in_axes=(1, None, None))(
         logits, labels, mask).mean()
   return mcfg.beta * support.mean() + (1 - mcfg.beta) * rank
 

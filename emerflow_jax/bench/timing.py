@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emerflow_jax import emerflow, meta
+from emerflow_jax import emerflow_meta, meta
 from emerflow_jax.bench import jax_impl
 from emerflow_jax.bench import world as world_lib
 
@@ -109,7 +109,7 @@ def time_adapt(world: world_lib.World, mcfg: meta.MetaConfig, n_items: int,
                repeats: int) -> dict[str, Any]:
   """A warm-up phase over ``n_items`` items (K support rows each).
 
-  Times ``meta.adapt_items`` (the jitted rule) and ``emerflow.refine_items``
+  Times ``meta.adapt_items`` (the jitted rule) and ``emerflow_meta.refine_items``
   (what a run calls: the rule sharded over all devices, with the transfers).
   """
   b = world_lib.task_batch(world, n_items)
@@ -124,7 +124,7 @@ def time_adapt(world: world_lib.World, mcfg: meta.MetaConfig, n_items: int,
   plain = time_runs(lambda: jax.block_until_ready(
       compiled(world.meta_params, world.frozen, emb, rows)), repeats)
   np_rows = {k: np.asarray(v) for k, v in rows.items()}
-  refine = time_runs(lambda: jax.block_until_ready(emerflow.refine_items(
+  refine = time_runs(lambda: jax.block_until_ready(emerflow_meta.refine_items(
       world.meta_params, world.model, mcfg, world.frozen, emb, np_rows)), repeats)
   return {"items": n_items, "inner_steps": mcfg.inner_steps, "compile_s": compile_s,
           "adapt_items_per_s": n_items / statistics.median(plain),

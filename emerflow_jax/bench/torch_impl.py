@@ -163,12 +163,12 @@ class _Torch:
     ranks = []
     for ph in range(logits.shape[1]):
       s = logits[:, ph].reshape(-1)
-      if partners is None:  # every pair, as meta.pairwise_auc_loss
+      if partners is None:  # every pair, as rank_loss.pairwise_auc_loss
         pair = pos[:, None] * neg[None, :] * torch.nn.functional.softplus(
             s[None, :] - s[:, None])
         ranks.append(pair.sum() / (pos.sum() * neg.sum()).clamp(min=1.0))
         continue
-      part = partners[ph]  # as meta.paired_auc_loss
+      part = partners[ph]  # as rank_loss.paired_auc_loss
       is_pos = (pos > 0)[:, None]
       s_pos = torch.where(is_pos, s[:, None], s[part])
       s_neg = torch.where(is_pos, s[part], s[:, None])

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from emerflow_jax import align, emerflow, meta, protocol, tasks
+from emerflow_jax import align, emerflow_meta, meta, protocol, rank_loss, tasks
 from emerflow_jax.data import dataset as dataset_lib
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
@@ -89,8 +89,8 @@ def ml1m_like(shapes: Shapes, seed: int) -> dataset_lib.Dataset:
 
 
 def bench_meta_config(config: ml_collections.ConfigDict) -> meta.MetaConfig:
-  """The run's inner/outer loop settings (``emerflow.meta_config``), unchanged."""
-  return emerflow.meta_config(config)
+  """The run's inner/outer loop settings (``emerflow_meta.meta_config``), unchanged."""
+  return emerflow_meta.meta_config(config)
 
 
 def make_world(shapes: Shapes, config: ml_collections.ConfigDict, n_tasks: int,
@@ -172,6 +172,6 @@ def auc_partners(mcfg: meta.MetaConfig, batch: dict[str, Any], key: jax.Array
   n_phases = batch["support/users"].shape[1] + int(mcfg.cold_in_outer)
   mask = jnp.asarray(batch["query/mask"]) * jnp.asarray(batch["task_mask"])[:, None]
   keys = jax.random.split(key, n_phases)
-  return np.stack([np.asarray(meta.draw_auc_pairs(jnp.asarray(batch["query/labels"]),
+  return np.stack([np.asarray(rank_loss.draw_auc_pairs(jnp.asarray(batch["query/labels"]),
                                                   mask, k, mcfg.auc_pairs))
                    for k in keys])

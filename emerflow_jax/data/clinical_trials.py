@@ -55,7 +55,9 @@ those; a per-row field needs changes in dataset, tasks and models.  Its only
 source here is the TrialBench folder, so "phase unknown" would also reveal an
 IQVIA label.  Rows per TrialBench phase are counted in ``info``.
 
-Counts are in experiments/configs/clinical_trials.py and tested in
+The files are read, checked and label-joined by ``clinical_trials_files``;
+this module orders, guards and assembles the rows.  Counts are in
+experiments/configs/clinical_trials.py and tested in
 tests/test_clinical_trials.py.
 """
 
@@ -63,200 +65,18 @@ from __future__ import annotations
 
 import bisect
 import collections
-import csv
 import logging
 import pathlib
-import re
-from typing import Any
 
 import numpy as np
 
+from emerflow_jax.data import clinical_trials_files as ct_files
 from emerflow_jax.data import dataset, paths
 
-MAPPING = "DrugBank-DO-slim.tsv"
-MAPPING_COLUMNS = ("nct_id", "compound_id", "compound_name", "disease_id",
-                   "disease_name")
-DATES = "nctid_date.txt"
-IQVIA = "trial_outcomes_v1.csv"
-OUTCOME_MAP = "outcome2label.txt"
-TRIALBENCH = tuple(f"trialbench/Phase{p}/{s}_y.csv" for p in (1, 2, 3, 4)
-                   for s in ("train", "test"))
-FILES = (MAPPING, DATES, IQVIA, OUTCOME_MAP) + TRIALBENCH
 UNDATED = ("nct_order", "drop")
 DRUG_NAME_LEN = 4
 DISEASE_NAME_LEN = 8
 MIN_TOKEN_COUNT = 2
-
-_NCT = re.compile(r"^NCT\d{8}$")
-_DRUG = re.compile(r"^DB\d{5}$")
-_DOID = re.compile(r"^DOID:\d+$")
-_MONTHS = {m: i for i, m in enumerate(
-    ("january", "february", "march", "april", "may", "june", "july", "august",
-     "september", "october", "november", "december"))}
-# "March 1999" or "July 15, 1994"
-_DATE = re.compile(r"^([A-Za-z]+)\s+(?:\d{1,2},\s*)?(\d{4})$")
-
-
-def _error(path: pathlib.Path, lineno: int, what: str) -> dataset.DataError:
-  return dataset.DataError(f"{path}:{lineno}: {what}")
-
-
-def _records(path: pathlib.Path, delimiter: str):
-  """Yields (line number, stripped fields) of non-blank records."""
-  with open(path, encoding="utf-8", newline="") as f:
-    reader = csv.reader(f, delimiter=delimiter)
-    try:
-      for parts in reader:
-        if any(p.strip() for p in parts):
-          yield reader.line_num, [p.strip() for p in parts]
-    except csv.Error as e:
-      raise _error(path, reader.line_num, f"bad CSV: {e}") from None
-
-
-def _check_nct(path: pathlib.Path, lineno: int, nct: str) -> str:
-  if not _NCT.match(nct):
-    raise _error(path, lineno, f"{nct!r} is not an NCT id (NCT + 8 digits)")
-  return nct
-
-
-def read_mapping(path: pathlib.Path) -> list[tuple[str, str, str, str, str]]:
-  """(nct, drug id, drug name, disease id, disease name) per mapping row."""
-  rows = []
-  for lineno, parts in _records(path, "\t"):
-    if lineno == 1:
-      if tuple(parts) != MAPPING_COLUMNS:
-        raise _error(path, 1, f"header {parts} is not {list(MAPPING_COLUMNS)}")
-      continue
-    if len(parts) != len(MAPPING_COLUMNS):
-      raise _error(path, lineno, f"expected {len(MAPPING_COLUMNS)} tab-separated"
-                   f" fields, got {len(parts)}: {chr(9).join(parts)[:80]!r}")
-    nct, drug, drug_name, disease, disease_name = parts
-    _check_nct(path, lineno, nct)
-    if not _DRUG.match(drug):
-      raise _error(path, lineno, f"{drug!r} is not a DrugBank id (DB + 5 digits)")
-    if not _DOID.match(disease):
-      raise _error(path, lineno, f"{disease!r} is not a Disease Ontology id "
-                   "(DOID:<digits>)")
-    rows.append((nct, drug, drug_name, disease, disease_name))
-  if not rows:
-    raise _error(path, 1, "no data rows")
-  return rows
-
-
-def read_trialbench(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
-  """NCT id -> (TrialBench outcome 0/1, phase 1..4) over the 8 files."""
-  out: dict[str, tuple[int, int]] = {}
-  where: dict[str, str] = {}
-  for rel in TRIALBENCH:
-    path = folder / rel
-    phase = int(rel.split("/")[1][len("Phase"):])
-    for lineno, parts in _records(path, ","):
-      if lineno == 1:
-        if len(parts) != 2 or parts[1] != "outcome":
-          raise _error(path, 1, f"header {parts} is not ['', 'outcome']")
-        continue
-      if len(parts) != 2:
-        raise _error(path, lineno, f"expected 2 comma-separated fields, got "
-                     f"{len(parts)}: {','.join(parts)[:80]!r}")
-      nct = _check_nct(path, lineno, parts[0])
-      if parts[1] not in ("0", "1"):
-        raise _error(path, lineno, f"outcome {parts[1]!r} is not 0 or 1")
-      if nct in out:
-        raise _error(path, lineno, f"{nct} is already labelled at {where[nct]}")
-      out[nct], where[nct] = (int(parts[1]), phase), f"{path}:{lineno}"
-  return out
-
-
-def read_outcome_map(path: pathlib.Path) -> dict[str, int]:
-  """IQVIA trialOutcome string -> 1, 0 or -1 (unknown)."""
-  out = {}
-  for lineno, parts in _records(path, "\t"):
-    if len(parts) != 2 or parts[1] not in ("1", "0", "-1"):
-      raise _error(path, lineno, "expected 'outcome<TAB>label' with label 1, 0 "
-                   f"or -1, got {chr(9).join(parts)[:80]!r}")
-    out[parts[0]] = int(parts[1])
-  return out
-
-
-def read_iqvia(path: pathlib.Path, outcome_map: dict[str, int]
-               ) -> dict[str, set[int]]:
-  """NCT id -> the set of its IQVIA labels (1, 0, -1) over all its rows."""
-  out: dict[str, set[int]] = collections.defaultdict(set)
-  for lineno, parts in _records(path, ","):
-    if lineno == 1:
-      if parts != ["studyid", "trialOutcome"]:
-        raise _error(path, 1, f"header {parts} is not ['studyid', 'trialOutcome']")
-      continue
-    if len(parts) != 2:
-      raise _error(path, lineno, f"expected 2 comma-separated fields, got "
-                   f"{len(parts)}: {','.join(parts)[:80]!r}")
-    nct = _check_nct(path, lineno, parts[0])
-    if parts[1] not in outcome_map:
-      raise _error(path, lineno, f"trialOutcome {parts[1]!r} is not in "
-                   f"{OUTCOME_MAP}")
-    out[nct].add(outcome_map[parts[1]])
-  return dict(out)
-
-
-def join_labels(trialbench: dict[str, int], iqvia: dict[str, set[int]]
-                ) -> tuple[dict[str, tuple[int, str]], dict[str, Any]]:
-  """One label per trial: TrialBench, else a single known IQVIA label.
-
-  Args:
-    trialbench: NCT id -> TrialBench outcome 0/1.
-    iqvia: NCT id -> its IQVIA labels (1, 0 and -1 = unknown).
-
-  Returns:
-    (NCT id -> (label, "trialbench" | "iqvia"), stats): stats counts the
-    trials labelled by each source, ``conflicts`` (both sources label the
-    trial and disagree; TrialBench wins; with the NCT ids), ``iqvia_both``
-    (IQVIA gives 0 and 1; dropped unless TrialBench labels it) and
-    ``iqvia_unknown`` (IQVIA gives only -1; dropped likewise).
-  """
-  labels = {n: (y, "trialbench") for n, y in trialbench.items()}
-  conflicts, both, unknown, agree = [], [], [], 0
-  for nct in sorted(iqvia):
-    known = iqvia[nct] - {-1}
-    if nct in labels:
-      if len(known) == 1:
-        if known == {labels[nct][0]}:
-          agree += 1
-        else:
-          conflicts.append(nct)
-      continue
-    if len(known) == 1:
-      labels[nct] = (known.pop(), "iqvia")
-    elif known:
-      both.append(nct)
-    else:
-      unknown.append(nct)
-  stats = {"trialbench": len(trialbench),
-           "iqvia_only": sum(s == "iqvia" for _, s in labels.values()),
-           "both_sources_agree": agree, "conflicts": len(conflicts),
-           "conflict_ids": conflicts, "iqvia_both": len(both),
-           "iqvia_both_ids": both, "iqvia_unknown": len(unknown)}
-  return labels, stats
-
-
-def read_dates(path: pathlib.Path) -> dict[str, int | None]:
-  """NCT id -> start month index (12 * year + month - 1), None when blank."""
-  out: dict[str, int | None] = {}
-  for lineno, parts in _records(path, "\t"):
-    if len(parts) not in (2, 3):
-      raise _error(path, lineno, "expected 'nct<TAB>start<TAB>completion', got "
-                   f"{len(parts)} fields: {chr(9).join(parts)[:80]!r}")
-    nct = _check_nct(path, lineno, parts[0])
-    if nct in out:
-      raise _error(path, lineno, f"{nct} has a second line")
-    if not parts[1]:
-      out[nct] = None
-      continue
-    m = _DATE.match(parts[1])
-    if not m or m.group(1).lower() not in _MONTHS:
-      raise _error(path, lineno, f"start date {parts[1]!r} is not 'Month YYYY' "
-                   "or 'Month D, YYYY'")
-    out[nct] = 12 * int(m.group(2)) + _MONTHS[m.group(1).lower()]
-  return out
 
 
 def trial_months(trials: list[str], dates: dict[str, int | None],
@@ -279,7 +99,7 @@ def trial_months(trials: list[str], dates: dict[str, int | None],
     return out
   dated = sorted(n for n, m in dates.items() if m is not None)
   if not dated:
-    raise dataset.DataError(f"{DATES}: no trial has a start date")
+    raise dataset.DataError(f"{ct_files.DATES}: no trial has a start date")
   for n in trials:
     if n not in out:
       # Same-width ids ("NCT" + 8 digits) sort as their numbers do.
@@ -362,18 +182,19 @@ def load_clinical_trials(folder: pathlib.Path, undated: str = "nct_order",
     The validated Dataset; ``info`` holds the join and ordering counts.
   """
   folder = pathlib.Path(folder)
-  paths.require_files(folder, list(FILES), hint=(
+  paths.require_files(folder, list(ct_files.FILES), hint=(
       "Get the clinical-trials files (see third_party/README.md); they are "
       "not redistributed."))
-  mapping = read_mapping(folder / MAPPING)
-  tb = read_trialbench(folder)
-  iqvia = read_iqvia(folder / IQVIA, read_outcome_map(folder / OUTCOME_MAP))
+  mapping = ct_files.read_mapping(folder / ct_files.MAPPING)
+  tb = ct_files.read_trialbench(folder)
+  iqvia = ct_files.read_iqvia(folder / ct_files.IQVIA,
+                              ct_files.read_outcome_map(folder / ct_files.OUTCOME_MAP))
   # The join counts only the trials the mapping has rows for.
   in_mapping = {r[0] for r in mapping}
-  labels, join = join_labels(
+  labels, join = ct_files.join_labels(
       {n: y for n, (y, _) in tb.items() if n in in_mapping},
       {n: s for n, s in iqvia.items() if n in in_mapping})
-  dates = read_dates(folder / DATES)
+  dates = ct_files.read_dates(folder / ct_files.DATES)
 
   labelled = [r for r in mapping if r[0] in labels]
   trials = sorted({r[0] for r in labelled})

@@ -1,0 +1,240 @@
+"""Closed-form alignment maps of r_i onto the pretrained item embeddings e_i.
+
+Pure jnp on r [n, D] (inputs of the fit items, old items only) and e [n, d]
+(their pretrained ID embeddings); ``apply`` takes any leading shape:
+
+- ``ridge``: ridge regression of e on r (intercept unpenalised);
+- ``lowrank``: reduced-rank ridge (the ridge fit projected on the top
+  singular directions of its fitted values);
+- ``knn``: softmax-weighted average of the k nearest old items' embeddings
+  (cosine similarity in text space).
+
+A hyperparameter left at 0 is chosen by k-fold cross-validation over the fit
+items (``cross_validate``, ``fit_cv``); ``fit_phi`` packs the chosen map (and
+``prior``'s shrink, fit out of fold) as ``align.Mapper`` variables.  With a
+few hundred old items and a 384-d r_i, a map with few effective parameters
+is what transfers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emerflow_jax import prior
+
+KINDS = ("ridge", "lowrank", "knn")
+# Hyperparameter grids searched by ``cross_validate`` (r is standardised to norm ~1).
+LAMBDAS = tuple(float(x) for x in 10.0 ** np.arange(-2.0, 4.01, 0.5))
+RANKS = (1, 2, 4, 8)
+KNN_K = (5, 10, 20, 40)
+KNN_TEMPERATURES = (0.02, 0.05, 0.1, 0.3, 1.0)
+
+
+def _check_kind(kind: str) -> None:
+  if kind not in KINDS:
+    raise ValueError(f"a closed-form align.kind is one of {KINDS}, got {kind!r}")
+
+
+@jax.jit
+def _ridge_path(r: jnp.ndarray, e: jnp.ndarray, lams: jnp.ndarray):
+  """Centred ridge weights for every lambda from one SVD.
+
+  Returns:
+    (mu_r [D], mu_e [d], w [L, D, d]) with w_l = (Rc^T Rc + l I)^-1 Rc^T Ec.
+  """
+  mu_r, mu_e = r.mean(0), e.mean(0)
+  u, s, vt = jnp.linalg.svd(r - mu_r, full_matrices=False)
+  uty = u.T @ (e - mu_e)
+  gain = s / (s ** 2 + lams[:, None])  # [L, q]
+  return mu_r, mu_e, jnp.einsum("qD,lq,qd->lDd", vt, gain, uty)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _reduce_rank(rc: jnp.ndarray, w: jnp.ndarray, rank: int) -> jnp.ndarray:
+  """Projects w [D, d] on the top ``rank`` right singular vectors of rc @ w."""
+  _, _, vt = jnp.linalg.svd(rc @ w, full_matrices=False)
+  return w @ (vt[:rank].T @ vt[:rank])
+
+
+def fit_ridge(r: jnp.ndarray, e: jnp.ndarray, ridge_lambda: float) -> dict[str, Any]:
+  """Ridge regression e ~ r (intercept unpenalised): {"linear": {mu_r, mu_e, w [D, d]}}."""
+  mu_r, mu_e, w = _ridge_path(r, e, jnp.asarray([ridge_lambda], jnp.float32))
+  return {"linear": {"mu_r": mu_r, "mu_e": mu_e, "w": w[0]}}
+
+
+def fit_lowrank(r: jnp.ndarray, e: jnp.ndarray, ridge_lambda: float,
+                rank: int) -> dict[str, Any]:
+  """Reduced-rank ridge: the ridge map restricted to ``rank`` output directions."""
+  p = fit_ridge(r, e, ridge_lambda)["linear"]
+  return {"linear": dict(p, w=_reduce_rank(r - p["mu_r"], p["w"], int(rank)))}
+
+
+def fit_knn(r: jnp.ndarray, e: jnp.ndarray, knn_k: int,
+            knn_temperature: float) -> dict[str, Any]:
+  """Neighbour averaging: {"knn": {r_ref [n, D] unit rows, e_ref [n, d], k, log_t}}."""
+  return {"knn": {"r_ref": prior.unit(r), "e_ref": e,
+                  "k": jnp.asarray(knn_k, jnp.float32),
+                  "log_t": jnp.log(jnp.asarray(knn_temperature, jnp.float32))}}
+
+
+def kind_of(params: Any) -> str:
+  """"linear" (ridge, lowrank) or "knn", from a fitted map's structure."""
+  if "linear" in params:
+    return "linear"
+  if "knn" in params:
+    return "knn"
+  raise ValueError(f"not a closed-form map: {sorted(params)}")
+
+
+def apply(kind: str, params: Any, r: jnp.ndarray) -> jnp.ndarray:
+  """The fitted map of ``kind`` (``KINDS`` or "linear") on r [..., D] -> [..., d]."""
+  if kind in ("ridge", "lowrank", "linear"):
+    p = params["linear"]
+    return (r - p["mu_r"]) @ p["w"] + p["mu_e"]
+  _check_kind(kind)
+  p = params["knn"]
+  sims = prior.unit(r) @ p["r_ref"].T  # [..., n] cosine similarities
+  near = prior.top_k_mask(sims, p["k"])
+  logits = jnp.where(near, sims / jnp.exp(p["log_t"]), -jnp.inf)
+  return jax.nn.softmax(logits, axis=-1) @ p["e_ref"]
+
+
+def fit(kind: str, r: jnp.ndarray, e: jnp.ndarray, **options: Any) -> Any:
+  """``fit_<kind>(r [n, D], e [n, d], **options)``."""
+  _check_kind(kind)
+  if kind == "ridge":
+    return fit_ridge(r, e, options["ridge_lambda"])
+  if kind == "lowrank":
+    return fit_lowrank(r, e, options["ridge_lambda"], options["rank"])
+  return fit_knn(r, e, options["knn_k"], options["knn_temperature"])
+
+
+def fold_ids(n: int, folds: int, key: jax.Array) -> np.ndarray:
+  """[n] fold index of each item, balanced, in a random order."""
+  return np.asarray(jax.random.permutation(key, jnp.arange(n) % folds))
+
+
+def fvu(pred: jnp.ndarray, e: jnp.ndarray) -> float:
+  """Fraction of variance unexplained, sum ||pred - e||^2 / sum ||e - mean e||^2."""
+  return float(jnp.sum((pred - e) ** 2) / jnp.maximum(jnp.sum((e - e.mean(0)) ** 2), 1e-12))
+
+
+def candidates(kind: str, dim: int, **options: Any) -> list[dict[str, Any]]:
+  """Option dicts to cross-validate: a given (> 0) value is kept, else its grid."""
+  _check_kind(kind)
+  def pick(name, grid):
+    return [options[name]] if options.get(name) else list(grid)
+  if kind == "ridge":
+    return [{"ridge_lambda": l} for l in pick("ridge_lambda", LAMBDAS)]
+  if kind == "lowrank":
+    return [{"ridge_lambda": l, "rank": k} for l in pick("ridge_lambda", LAMBDAS)
+            for k in pick("rank", [k for k in RANKS if k < dim])]
+  return [{"knn_k": k, "knn_temperature": t} for k in pick("knn_k", KNN_K)
+          for t in pick("knn_temperature", KNN_TEMPERATURES)]
+
+
+def _predict_all(kind: str, r_fit, e_fit, r_new, cands) -> list[jnp.ndarray]:
+  """Predictions on r_new of a fit on (r_fit, e_fit) for every candidate."""
+  if kind in ("ridge", "lowrank"):  # one SVD serves every lambda
+    lams = sorted({c["ridge_lambda"] for c in cands})
+    mu_r, mu_e, w = _ridge_path(r_fit, e_fit, jnp.asarray(lams, jnp.float32))
+    out = []
+    for c in cands:
+      wl = w[lams.index(c["ridge_lambda"])]
+      if kind == "lowrank":
+        wl = _reduce_rank(r_fit - mu_r, wl, int(c["rank"]))
+      out.append((r_new - mu_r) @ wl + mu_e)
+    return out
+  return [apply(kind, fit(kind, r_fit, e_fit, **c), r_new) for c in cands]
+
+
+def out_of_fold(kind: str, r: jnp.ndarray, e: jnp.ndarray, fold: np.ndarray,
+                **options: Any) -> jnp.ndarray:
+  """[n, d] predictions of each item by a fit on the other folds (``fold`` [n])."""
+  pred = jnp.zeros_like(e)
+  for f in np.unique(fold):
+    te = fold == f
+    pred = pred.at[te].set(_predict_all(kind, r[~te], e[~te], r[te], [options])[0])
+  return pred
+
+
+def cross_validate(kind: str, r: jnp.ndarray, e: jnp.ndarray, key: jax.Array,
+                   folds: int = 5, **options: Any) -> dict[str, Any]:
+  """k-fold CV over the items of every candidate (``candidates``) of ``kind``.
+
+  Args:
+    kind: ``KINDS``.
+    r: [n, D] inputs; e: [n, d] targets.
+    key: the fold assignment.
+    folds: k.
+    **options: fixed hyperparameters (a 0 or missing one is searched).
+
+  Returns:
+    {"candidates": option dicts, "fvus": their pooled held-out FVU,
+    "best": the index of the lowest, "oof": [n, d] out-of-fold predictions
+    of the best, "fold": [n] fold of each item}.
+  """
+  cands = candidates(kind, e.shape[-1], **options)
+  fold = fold_ids(r.shape[0], folds, key)
+  preds = [jnp.zeros_like(e) for _ in cands]
+  for f in range(folds):
+    te = fold == f
+    for i, p in enumerate(_predict_all(kind, r[~te], e[~te], r[te], cands)):
+      preds[i] = preds[i].at[te].set(p)
+  scores = [fvu(p, e) for p in preds]
+  best = int(np.argmin(scores))
+  return {"candidates": cands, "fvus": scores, "best": best, "oof": preds[best],
+          "fold": fold}
+
+
+def fit_cv(kind: str, r: jnp.ndarray, e: jnp.ndarray, key: jax.Array, folds: int = 5,
+           **options: Any) -> tuple[Any, dict[str, Any], float]:
+  """Fits ``kind`` on all of (r, e) with the options k-fold CV over its items picks.
+
+  Returns:
+    (params, chosen options, their pooled held-out FVU).
+  """
+  r, e = jnp.asarray(r, jnp.float32), jnp.asarray(e, jnp.float32)
+  cv = cross_validate(kind, r, e, key, folds, **options)
+  chosen = cv["candidates"][cv["best"]]
+  return fit(kind, r, e, **chosen), chosen, cv["fvus"][cv["best"]]
+
+
+def fit_phi(kind: str, r: jnp.ndarray, e: jnp.ndarray, key: jax.Array, folds: int = 5,
+            shrink: str = "none", **options: Any) -> tuple[Any, dict[str, Any]]:
+  """A closed-form map (and its prior) as ``align.Mapper`` variables.
+
+  Args:
+    kind: ridge|lowrank|knn.
+    r: [n, D] inputs of the old items; e: [n, d] their pretrained ID embeddings.
+    key: fold assignment.
+    folds: k of the k-fold CV (hyperparameters, and the prior's out-of-fold fit).
+    shrink: ``prior.SHRINKS``.
+    **options: fixed hyperparameters (a 0 or missing one is chosen by CV).
+
+  Returns:
+    ({"params": {"closed": map, ["prior": shrink params]}}, the CV's
+    ``cross_validate`` dict plus "chosen" (its options), "cv_fvu" (their
+    held-out FVU) and "train_fvu" (the map fit on all items, on them)).
+  """
+  if kind == "mlp":
+    raise ValueError("align.shrink needs a closed-form align.kind (ridge|lowrank|knn); "
+                     "the MLP trains with align.train_mapper")
+  k_cv, k_prior = jax.random.split(key)
+  r, e = jnp.asarray(r, jnp.float32), jnp.asarray(e, jnp.float32)
+  cv = cross_validate(kind, r, e, k_cv, folds, **options)
+  chosen = cv["candidates"][cv["best"]]
+  params = fit(kind, r, e, **chosen)
+  phi = {"params": {"closed": params}}
+  info = dict(cv, chosen=chosen, cv_fvu=cv["fvus"][cv["best"]],
+              train_fvu=fvu(apply(kind, params, r), e))
+  if shrink != "none":
+    fold = fold_ids(r.shape[0], folds, k_prior)
+    oof = out_of_fold(kind, r, e, fold, **chosen)
+    phi["params"]["prior"] = prior.fit(shrink, r, e, oof, fold)
+  return phi, info
