@@ -144,3 +144,33 @@ def test_finetune_on_prepared_rows_equals_the_full_forward_fine_tuning(
   out = warmup.finetune(bb.model, bb.params, bb.tables, emb, batch, steps=STEPS, lr=LR)
   np.testing.assert_allclose(out, reference(emb), rtol=1e-5, atol=1e-6)
   assert not np.allclose(out, emb)
+
+
+def test_finetune_equals_full_model_adam_with_all_but_the_item_ids_frozen(
+    tiny_ds, tiny_split, tiny_backbone):
+  # The reference warm-up (``only_optimize_itemid``) trains the whole model
+  # with every parameter but the item-ID table frozen; ours must be that.
+  bb = tiny_backbone
+  batch = _phase(tiny_ds, tiny_split)
+  emb = _emb(batch["users"].shape[0], seed=2)
+  ours = warmup.finetune(bb.model, bb.params, bb.tables, emb, batch, steps=STEPS, lr=LR)
+
+  full = {"backbone": bb.params, "item_id": emb}
+  labels = {"backbone": jax.tree.map(lambda _: "frozen", bb.params), "item_id": "train"}
+  tx = optax.multi_transform({"train": optax.adam(LR), "frozen": optax.set_to_zero()},
+                             labels)
+
+  def loss(p):
+    e = jnp.broadcast_to(p["item_id"][:, None, :], batch["users"].shape + (4,))
+    logits = backbones.score(bb.model, p["backbone"], bb.tables, batch["users"],
+                             batch["items"], e)
+    per_row = optax.sigmoid_binary_cross_entropy(logits, batch["labels"]) * batch["mask"]
+    return (per_row.sum(1) / jnp.maximum(batch["mask"].sum(1), 1.0)).sum()
+
+  opt = tx.init(full)
+  for _ in range(STEPS):
+    upd, opt = tx.update(jax.grad(loss)(full), opt, full)
+    full = optax.apply_updates(full, upd)
+  np.testing.assert_allclose(ours, full["item_id"], atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, bb.params),
+               jax.tree.map(np.asarray, full["backbone"]))
