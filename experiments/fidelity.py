@@ -9,7 +9,9 @@ Each ``--runs`` entry is a workdir of
 with ``--results_md``, replaces that file's ``fidelity`` section.
 """
 
+import os
 import pathlib
+import subprocess
 
 from absl import app, flags, logging
 
@@ -27,6 +29,15 @@ def main(argv):
   del argv
   rows = fidelity.compare(fidelity.load_runs(_RUNS.value), tolerance=_TOL.value)
   section = fidelity.fidelity_section(rows, tolerance=_TOL.value)
+  head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                        text=True, check=False).stdout.strip() or "unknown"
+  runs = ",".join(os.path.basename(os.path.normpath(r)) for r in _RUNS.value)
+  title, rest = section.split("\n", 1)
+  section = (f"{title}\n\nWritten by `python -m experiments.fidelity --runs={runs} "
+             f"--results_md=RESULTS.md` at commit `{head}` (each run: `python -m "
+             "experiments.run --config=experiments/configs/movielens100k.py:peer "
+             "--config.method=<method> --config.backbone=<backbone> --config.seeds=3`)."
+             f"\n{rest}")
   pathlib.Path(_OUT.value).write_text(section + "\n")
   if _RESULTS_MD.value:
     report.update_results_md(_RESULTS_MD.value, "fidelity", section)
