@@ -12,15 +12,28 @@ Fixtures:
   tiny_ds / tiny_split: a ~1,500-row synthetic world and its split (N=40, K=5).
   tiny_backbone: a DeepFM (d=4) pretrained 2 epochs on tiny_split's base rows.
   repo_root, experiment_argv: where and how to run ``python -m experiments.run``.
+  background_run: the finished command of a ``@pytest.mark.background`` test.
+
+Background commands: a test marked ``@pytest.mark.background(make_argv=...)``
+checks a long command (a binary end to end) that needs nothing from the tests
+before it.  Once collection is done, ``make_argv(params, workdir)`` (the test's
+parametrisation, a fresh folder) gives its command line, or None to run
+nothing (missing data: the test skips itself); the commands run one at a time
+in the background while the other tests run, and the marked tests run last,
+each checking its finished command.  A run of the suite thus uses a second
+core; each command still runs exactly as it would inside its test.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import types
 
 import jax
@@ -40,6 +53,63 @@ TINY_N, TINY_K = 40, 5
 _CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 _own_cache_dir = None
+BACKGROUND_TIMEOUT_S = 1800
+
+
+def experiment_command(workdir, *flags: str) -> list[str]:
+  """The command line of experiments/run.py (run it with ``cwd=REPO_ROOT``).
+
+  Args:
+    workdir: its --workdir.
+    *flags: ``--config=...`` and any ``--config.<field>=...`` overrides.
+
+  Returns:
+    The argv list.
+  """
+  return [sys.executable, "-m", "experiments.run", *flags, f"--workdir={workdir}"]
+
+
+class _Background:
+  """Runs the marked tests' commands one at a time in a worker thread."""
+
+  def __init__(self):
+    self.root = pathlib.Path(tempfile.mkdtemp(prefix="emerflow-jax-bg-"))
+    self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self.jobs: dict[str, tuple[concurrent.futures.Future, pathlib.Path]] = {}
+    self.procs: set[subprocess.Popen] = set()
+    self.lock = threading.Lock()
+    self.closed = False
+    self.env = dict(os.environ)  # as configured; tests may patch os.environ later
+
+  def submit(self, nodeid: str, argv: list[str], workdir: pathlib.Path):
+    self.jobs[nodeid] = (self.pool.submit(self._run, argv), workdir)
+
+  def _run(self, argv):
+    with self.lock:
+      if self.closed:
+        return None
+      proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+      self.procs.add(proc)
+    try:
+      out, err = proc.communicate(timeout=BACKGROUND_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      out, err = proc.communicate()
+    with self.lock:
+      self.procs.discard(proc)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+  def close(self):
+    with self.lock:
+      self.closed = True
+      for proc in self.procs:
+        proc.kill()
+    self.pool.shutdown(wait=True, cancel_futures=True)
+    shutil.rmtree(self.root, ignore_errors=True)
+
+
+_background: _Background | None = None
 
 
 def pytest_configure(config):
@@ -54,8 +124,10 @@ def pytest_configure(config):
   binaries the tests start, compiles each program once; it changes no result.
   A cache directory already set in the environment is used as is.
   """
-  del config
   global _own_cache_dir
+  config.addinivalue_line(
+      "markers", "background(make_argv=f): run make_argv(params, workdir) in the "
+      "background from the start of the session; the test runs last (conftest.py)")
   value = os.environ.get(paths.ENV_VAR)
   if value:
     os.environ[paths.ENV_VAR] = str(pathlib.Path(value).expanduser().resolve())
@@ -73,8 +145,31 @@ def pytest_configure(config):
                     int(env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 
+def pytest_collection_finish(session):
+  """Starts the commands of the selected background tests; runs those tests last."""
+  global _background
+  if session.config.option.collectonly:
+    return
+  marked = [it for it in session.items if it.get_closest_marker("background")]
+  if not marked:
+    return
+  _background = _Background()
+  for n, item in enumerate(marked):
+    make_argv = item.get_closest_marker("background").kwargs["make_argv"]
+    callspec = getattr(item, "callspec", None)
+    workdir = _background.root / f"job{n}" / "run"
+    workdir.parent.mkdir(parents=True)
+    argv = make_argv(dict(callspec.params) if callspec else {}, workdir)
+    if argv is not None:
+      _background.submit(item.nodeid, argv, workdir)
+  rest = [it for it in session.items if not it.get_closest_marker("background")]
+  session.items[:] = rest + marked
+
+
 def pytest_unconfigure(config):
   del config
+  if _background is not None:
+    _background.close()
   if _own_cache_dir:
     shutil.rmtree(_own_cache_dir, ignore_errors=True)
 
@@ -189,11 +284,23 @@ def experiment_argv():
   Run it with ``cwd=repo_root`` (``-m`` imports from the working directory);
   ``flags`` holds ``--config=...`` and any ``--config.<field>=...`` overrides.
   """
+  return experiment_command
 
-  def argv(workdir, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "experiments.run", *flags, f"--workdir={workdir}"]
 
-  return argv
+@pytest.fixture
+def background_run(request) -> types.SimpleNamespace:
+  """The finished command of this ``background`` test: .proc (CompletedProcess,
+  text stdout/stderr) and .workdir (the folder given to its make_argv)."""
+  if _background is None:
+    pytest.fail("background commands start after collection; none was started")
+  job = _background.jobs.get(request.node.nodeid)
+  if job is None:
+    pytest.skip("make_argv gave no command (it found no real data to run on)")
+  future, workdir = job
+  proc = future.result()
+  if proc is None:
+    pytest.fail("the session closed before this background command ran")
+  return types.SimpleNamespace(proc=proc, workdir=workdir)
 
 
 @pytest.fixture

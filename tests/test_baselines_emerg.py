@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import pathlib
 import types
 
 import jax
@@ -12,9 +15,11 @@ import pytest
 
 from emerflow_jax import methods, pretrain, tasks
 from emerflow_jax.baselines import emerg, metaemb
+from emerflow_jax.data import paths
 from emerflow_jax.models import backbones
 from experiments.configs import common
 
+import conftest
 from conftest import TINY_K, TINY_N
 
 
@@ -173,33 +178,57 @@ def test_reads_no_future_rows(tiny_ds, tiny_split, gnn, tmp_path):
   assert not np.array_equal(outs[0][0], outs[0][1])
 
 
-# The binary, end to end: synthetic, then each real dataset's smoke config.
+# The binary, end to end: synthetic, then each real dataset's smoke config.  The
+# runs go to the background (conftest.py) and share one backbone cache, so a
+# backbone that two binaries need (repoDB's emerg_gnn) is pretrained once.
 REAL = {"movielens100k": ("movielens-100k", "u.data", "u.item", "u.user"),
         "disgenet": ("disgenet-curated-v7", "curated_gene_disease_associations.tsv.gz"),
         "repodb": ("repodb", "derived_repodb_full.csv")}
 
 
-def run_binary(config, method, backbone, workdir, experiment_argv, repo_root):
-  """Runs experiments.run on ``config``:smoke; returns results.json."""
-  import json  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  argv = experiment_argv(workdir, f"--config=experiments/configs/{config}.py:smoke",
-                         f"--config.method={method}", f"--config.backbone={backbone}",
-                         "--config.seeds=1")
-  proc = subprocess.run(argv, cwd=repo_root, capture_output=True, text=True, timeout=1200)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  res = json.loads((workdir / "results.json").read_text())
+def binary_argv(config, method, backbone, workdir):
+  """experiments.run on ``config``:smoke, or None when its real data is missing.
+
+  Args:
+    config: a config file name under experiments/configs (no ``.py``).
+    method: --config.method.
+    backbone: --config.backbone.
+    workdir: the run's --workdir; its grandparent holds the shared backbone cache.
+
+  Returns:
+    The argv list, or None.
+  """
+  if config in REAL:
+    sub, *files = REAL[config]
+    folder = pathlib.Path(os.environ.get(paths.ENV_VAR, "/nonexistent")) / sub
+    if not all((folder / f).is_file() for f in files):
+      return None
+  cache_dir = pathlib.Path(workdir).parents[1] / "backbones"
+  return conftest.experiment_command(
+      workdir, f"--config=experiments/configs/{config}.py:smoke",
+      f"--config.method={method}", f"--config.backbone={backbone}", "--config.seeds=1",
+      f"--config.optim.cache_dir={cache_dir}")
+
+
+def check_binary(run, method, backbone):
+  """Asserts a finished binary run (``background_run``) succeeded; returns results.json."""
+  assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+  res = json.loads((run.workdir / "results.json").read_text())
   assert res["method"] == method and res["backbone"] == backbone
   for phase in ("cold", "warm_a", "warm_b", "warm_c"):
     assert 0.0 < res["auc"][phase][0] < 1.0
   return res
 
 
-def test_binary_on_synthetic(tmp_path, experiment_argv, repo_root):
-  run_binary("synthetic", "emerg", "emerg_gnn", tmp_path / "run", experiment_argv, repo_root)
+@pytest.mark.background(
+    make_argv=lambda _, w: binary_argv("synthetic", "emerg", "emerg_gnn", w))
+def test_binary_on_synthetic(background_run):
+  check_binary(background_run, "emerg", "emerg_gnn")
 
 
+@pytest.mark.background(
+    make_argv=lambda p, w: binary_argv(p["config"], "emerg", "emerg_gnn", w))
 @pytest.mark.parametrize("config", sorted(REAL))
-def test_binary_on_real_data(config, real_data, tmp_path, experiment_argv, repo_root):
+def test_binary_on_real_data(config, real_data, background_run):
   real_data(*REAL[config])
-  run_binary(config, "emerg", "emerg_gnn", tmp_path / "run", experiment_argv, repo_root)
+  check_binary(background_run, "emerg", "emerg_gnn")

@@ -112,13 +112,14 @@ def test_fit_cold_refine_and_no_future_rows(tiny_ds, tiny_split, tiny_context, t
   assert len({tuple(np.round(r, 7)) for r in outs[0][0]}) > 1  # item-specific
 
 
+@pytest.mark.background(make_argv=lambda p, w: test_baselines_emerg.binary_argv(
+    p["config"], "gme", p["backbone"], w))  # runs while the other tests run (conftest.py)
 @pytest.mark.parametrize("config,backbone", [("synthetic", "deepfm"),
                                              ("movielens100k", "deepfm"),
                                              ("disgenet", "widedeep"),
                                              ("repodb", "emerg_gnn")])
-def test_binary(config, backbone, request, tmp_path, experiment_argv, repo_root):
+def test_binary(config, backbone, request, background_run):
   """experiments.run --config.method=gme on each dataset's smoke config."""
   if config in test_baselines_emerg.REAL:
     request.getfixturevalue("real_data")(*test_baselines_emerg.REAL[config])
-  test_baselines_emerg.run_binary(config, "gme", backbone, tmp_path / "run",
-                                  experiment_argv, repo_root)
+  test_baselines_emerg.check_binary(background_run, "gme", backbone)

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import subprocess
 import sys
 
 import jax
@@ -94,16 +93,21 @@ def test_op_kinds_reads_fusions_from_hlo():
   assert "gather" in kinds.values()
 
 
-def test_bench_binary_tiny_end_to_end(tmp_path, repo_root):
-  e2e = tmp_path / "results.json"
+def _bench_argv(params, workdir):
+  """experiments.bench_meta --tiny, given a made-up end-to-end results.json."""
+  del params
+  workdir.mkdir(parents=True)
+  e2e = workdir / "results.json"
   e2e.write_text(json.dumps({"dataset": "movielens100k", "method": "emerflow",
                              "backbone": "deepfm", "seeds": [0],
                              "seconds": {"pretrain": 1.0, "method": 2.0, "total": 3.5}}))
-  out = tmp_path / "bench"
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.bench_meta", f"--workdir={out}", "--tiny",
-       "--tasks=4", "--devices=2", "--adapt_items=4", f"--e2e_results={e2e}"],
-      cwd=repo_root, capture_output=True, text=True, timeout=900)
+  return [sys.executable, "-m", "experiments.bench_meta", f"--workdir={workdir / 'bench'}",
+          "--tiny", "--tasks=4", "--devices=2", "--adapt_items=4", f"--e2e_results={e2e}"]
+
+
+@pytest.mark.background(make_argv=_bench_argv)  # runs while the other tests run (conftest.py)
+def test_bench_binary_tiny_end_to_end(background_run):
+  proc, out = background_run.proc, background_run.workdir / "bench"
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((out / "bench.json").read_text())
   assert isinstance(res["device"], str) and res["device"]

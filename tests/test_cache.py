@@ -61,7 +61,13 @@ def _flat(d, prefix=""):
 
 
 def _config(method, **overrides):
+  """The smoke config on a smaller world (as test_multisplit's): the keys and
+  the stages built do not depend on its size."""
   c = synthetic_config.get_config("smoke")
+  c.data.options.n_users, c.data.options.n_items = 100, 150
+  c.data.options.mean_count = 40.0
+  c.data.n_max, c.data.k = 40, 5
+  c.data.val_fraction = 0.2
   c.method = method
   c.eval.curves = False
   c.align.steps = 5

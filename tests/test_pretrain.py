@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from emerflow_jax import pretrain, sharding, tasks
 from emerflow_jax.data import synthetic
@@ -156,22 +157,24 @@ def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in workdir.glob("backbones/*/*") if p.name.isdigit())
 
 
-def _wait(proc: subprocess.Popen, workdir: pathlib.Path, timeout_s: float = 600):
-  try:
-    rc = proc.wait(timeout=timeout_s)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    raise
-  assert rc == 0, _log(workdir)[-3000:]
+def _straight_argv(params, workdir):
+  """The uninterrupted run's command line (run in the background, conftest.py)."""
+  del params
+  # Imported here: the 4-device subprocess imports this module without tests/
+  # on its path.
+  import conftest  # pylint: disable=g-import-not-at-top
+  return conftest.experiment_command(workdir, *FLAGS)
 
 
+@pytest.mark.background(make_argv=_straight_argv)
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(
-    tmp_path, experiment_argv, repo_root):
-  straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
-  # The uninterrupted run goes first: it also fills the session's compilation
-  # cache, so the run that gets killed only reads the cache, never writes it.
-  straight = _start(experiment_argv(straight_dir, *FLAGS), straight_dir, repo_root)
-  _wait(straight, straight_dir)
+    background_run, tmp_path, experiment_argv, repo_root):
+  # The uninterrupted run went first, in the background (conftest.py): it also
+  # filled the session's compilation cache, so the run that gets killed only
+  # reads the cache, never writes it.
+  straight, straight_dir = background_run.proc, background_run.workdir
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  killed_dir = tmp_path / "killed"
   victim = _start(experiment_argv(killed_dir, *FLAGS), killed_dir, repo_root)
   try:
     while not _checkpoint_steps(killed_dir):
