@@ -258,11 +258,7 @@ def plot(summary: dict, path: pathlib.Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   axes[0][0].set_ylabel("test AUC (pooled)")
-  fig.tight_layout()
-  tmp = path.with_suffix(".tmp.png")
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
+  results.save_figure_atomic(fig, path)
 
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:

@@ -149,6 +149,17 @@ def plot_auc(runs: list[dict], path: pathlib.Path, title: str) -> None:
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
+  save_figure_atomic(fig, path)
+
+
+def save_figure_atomic(fig, path: pathlib.Path) -> None:
+  """Lays out ``fig``, writes it as a PNG via a temporary file, and closes it.
+
+  Args:
+    fig: a matplotlib figure.
+    path: the PNG to write; a reader never sees it half-written.
+  """
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig.tight_layout()
   tmp = path.with_suffix(".tmp.png")
   fig.savefig(tmp, dpi=120)
