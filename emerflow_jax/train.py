@@ -90,19 +90,17 @@ def execute_plan(config: ml_collections.ConfigDict, ds, split: protocol.Split,
     key = backbone_key(config, seed, spec, None if parent is None else parent.key)
     ckpt_dir = backbone_dir(config, workdir, key, seed)
     with cache.locked(ckpt_dir):
-      epochs_run = []
-      def log(msg: str) -> None:
-        if msg.startswith("pretrain: epoch"):
-          epochs_run.append(msg)
-        logging.info(msg)
+      with checkpoint.Checkpointer(ckpt_dir) as ckpt:
+        done = ckpt.latest_step() or 0
       t = time.time()
       params = pretrain.pretrain_backbone(
           model, tables, tasks.pack_flat(ds, own.base_rows), k_pre,
           epochs=config.optim.epochs, batch_size=config.optim.batch_size,
           lr=config.optim.lr, ckpt_dir=ckpt_dir, item_dropout=spec.item_dropout,
-          weight_decay=config.optim.weight_decay, log=log,
+          weight_decay=config.optim.weight_decay,
           writer=curves.prefixed(writer, f"pretrain/{spec.role}"))
-      seconds = pretrain_cost(ckpt_dir, time.time() - t, bool(epochs_run))
+      seconds = pretrain_cost(ckpt_dir, time.time() - t,
+                              trained=done < config.optim.epochs)
     held_items = np.zeros(0, np.int64) if held is None else held.items
     out[spec.role] = methods.Pretrained(params=params, split=own, held=held_items,
                                         key=key, seconds=seconds)

@@ -30,7 +30,6 @@ with N Optuna trials on that split's validation holdout.
 
 import os
 import shlex
-import subprocess
 import sys
 
 from absl import app, flags, logging
@@ -83,19 +82,6 @@ def _command() -> str:
   return "python -m experiments.compare " + " ".join(args)
 
 
-def _commit() -> str:
-  """Short HEAD hash, plus the library/experiment files that differ from it."""
-  def git(*a):
-    return subprocess.run(["git", *a], capture_output=True, text=True, check=False)
-  head = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
-  changed = git("diff", "--name-only", "HEAD", "--", "emerflow_jax",
-                "experiments").stdout.split()
-  if not changed:
-    return head
-  more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-  return f"{head} + uncommitted {', '.join(changed[:3])}{more}"
-
-
 def _section_label(config) -> str:
   """--section, or the dataset with what the command line changed in its config."""
   if _SECTION.value:
@@ -113,7 +99,7 @@ def main(argv):
   config = _CONFIG.value
   seeds = _SEEDS.value or config.seeds
   # Stamped before running: the code that produced the numbers, not a later HEAD.
-  command, commit = _command(), _commit()
+  command, commit = _command(), report.code_version()
   if _SPLITS.value or _TUNE.value:
     _main_splits(config, seeds, command, commit)
     return

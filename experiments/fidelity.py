@@ -11,7 +11,6 @@ with ``--results_md``, replaces that file's ``fidelity`` section.
 
 import os
 import pathlib
-import subprocess
 
 from absl import app, flags, logging
 
@@ -29,8 +28,7 @@ def main(argv):
   del argv
   rows = fidelity.compare(fidelity.load_runs(_RUNS.value), tolerance=_TOL.value)
   section = fidelity.fidelity_section(rows, tolerance=_TOL.value)
-  head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                        text=True, check=False).stdout.strip() or "unknown"
+  head = report.code_version()
   runs = ",".join(os.path.basename(os.path.normpath(r)) for r in _RUNS.value)
   title, rest = section.split("\n", 1)
   section = (f"{title}\n\nWritten by `python -m experiments.fidelity --runs={runs} "
