@@ -11,8 +11,9 @@
 # clinical_trials repodb movielens100k disgenet disgenet_degree.  Sized for
 # about two hours on 2 CPU cores; everything is resumable: a killed grid
 # rerun with the same arguments reads back finished trials, runs and seeds.
-# TRIALS (default 4) and SEEDS (default 5) override the budget; on a GPU
-# machine it runs unchanged.
+# TRIALS (default 4) and SEEDS (default 5) override the budget; RESULTS_MD
+# (default RESULTS.md) is the file the sections go to, so that two grids
+# running side by side write separate files. On a GPU machine it runs unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -22,6 +23,7 @@ SETTINGS=${*:-clinical_trials repodb movielens100k disgenet disgenet_degree}
 export EMERFLOW_DATA_DIR=${EMERFLOW_DATA_DIR:-../shared/data}
 TRIALS=${TRIALS:-4}
 SEEDS=${SEEDS:-5}
+RESULTS_MD=${RESULTS_MD:-RESULTS.md}
 METHODS=base,dropoutnet,metaemb,mwuf,cvar,gme,emerg,emerflow
 
 for s in $SETTINGS; do
@@ -33,7 +35,7 @@ for s in $SETTINGS; do
   start=$(date +%s)
   "$PY" -m experiments.compare --config="experiments/configs/$config.py" \
     --workdir="$OUT/$s" --methods=$METHODS --backbones=$backbones \
-    --seeds="$SEEDS" --splits=config --tune="$TRIALS" --results_md=RESULTS.md \
+    --seeds="$SEEDS" --splits=config --tune="$TRIALS" --results_md="$RESULTS_MD" \
     "${extra[@]}"
   echo "grid: $s took $(( $(date +%s) - start )) s"
 done

@@ -88,7 +88,7 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.meta.outer_loss = "auc"       # query term: auc (pooled pairwise, as the protocol's pooled AUC) | bce
   c.meta.auc_pairs = 16           # auc: m > 0 sampled partners per row (unbiased, ~linear; ML-100K val AUC = every pair's, 3 seeds) | 0 = every pair (quadratic)
   c.meta.beta = 0.1               # outer loss = beta * L(support; e0) + (1-beta) * L(query; e_T)
-  c.meta.epochs = 100             # passes over all meta-training tasks
+  c.meta.epochs = 50              # passes over all meta-training tasks (ML-100K DeepFM, 3 seeds: mean val AUC .7351/.7350 at 50 vs 100, half the time)
   c.meta.batch_tasks = 64         # tasks per meta step
   c.meta.lr = 1e-3                # outer Adam learning rate
   c.meta.ckpt_every_s = 30.0      # checkpoint meta-training at most this often (s of training) and after the last epoch
