@@ -43,9 +43,8 @@ WORLDS = {"100k": (604, 371), "1m": (6040, 3706), "10m": (60400, 37060)}
 ROWS_PER_ITEM = 1_000_209 / 3706  # ML-1M's mean
 STAGES = ("data", "pretrain", "fit", "evaluation")
 FINDINGS = "## Findings"
-# Modest settings: one pretraining epoch, one meta-epoch, a short alignment.
-SETTINGS = {"seeds": 1, "optim.epochs": 1, "meta.epochs": 1, "align.steps": 200,
-            "eval.curves": False}
+# Modest settings: one pretraining epoch, one meta-epoch.
+SETTINGS = {"seeds": 1, "optim.epochs": 1, "meta.epochs": 1, "eval.curves": False}
 
 
 def _proc_kb(field: str) -> int:

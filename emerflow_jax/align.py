@@ -34,6 +34,43 @@ from emerflow_jax.models import backbones
 
 KINDS = ("mlp",) + closedform.KINDS
 
+# The ``align`` options that act under some kinds only: {name: (kinds, the
+# value that asks for nothing)}.  ``check_options`` refuses any other value
+# under another kind, where the option would silently do nothing.
+KIND_OPTIONS = {
+    **{name: (("mlp",), value) for name, value in (
+        ("hidden", (64,)), ("lam", 0.1), ("steps", 1000), ("lr", 1e-3),
+        ("batch_rows", 1024), ("weight_decay", 1e-4), ("holdout", 0.2))},
+    "shrink": (closedform.KINDS, "none"),
+    "folds": (closedform.KINDS, 5),
+    "diagnose": (closedform.KINDS, False),
+    "ridge_lambda": (("ridge", "lowrank"), 0.0),
+    "rank": (("lowrank",), 0),
+    "knn_k": (("knn",), 0),
+    "knn_temperature": (("knn",), 0.0),
+}
+
+
+def check_options(cfg: Any) -> None:
+  """Raises on an ``align`` option set where ``align.kind`` ignores it.
+
+  Args:
+    cfg: an ``align`` config section.
+
+  Raises:
+    ValueError: naming the option, the kinds it acts under and its default.
+  """
+  kind = str(cfg.get("kind", "mlp"))
+  if kind not in KINDS:
+    raise ValueError(f"align.kind must be one of {KINDS}, got {kind!r}")
+  for name, (kinds, default) in KIND_OPTIONS.items():
+    value = cfg.get(name, default)
+    value = tuple(value) if isinstance(value, list) else value
+    if kind not in kinds and value != default:
+      raise ValueError(
+          f"align.{name}={value!r} acts only under align.kind in {kinds}; under "
+          f"align.kind={kind!r} it would do nothing: leave it at {default!r}")
+
 
 class Mapper(nn.Module):
   """g_phi: [n, D] text vectors (+ [n, S] side embeddings) -> [n, d].

@@ -112,6 +112,8 @@ class EmerFlow(methods.Method):
     are errors."""
     m = config.meta
     specs = [methods.BackboneSpec()]
+    if self.use_align:
+      align.check_options(config.align)
     if self.use_meta:
       _check_meta_options(config)
       if m.holdout_fraction > 0:

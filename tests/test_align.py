@@ -2,11 +2,14 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import pytest
 
 from emerflow_jax import align, align_diagnostics, closedform, protocol, tasks
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones, layers
+from experiments.configs import common
 
 
 def _setup():
@@ -204,3 +207,26 @@ def test_diagnostics_on_an_exact_text_recover_the_own_embedding():
   with np.testing.assert_raises(ValueError):  # rows of items it was not given
     align_diagnostics.diagnostics("ridge", e[:-1], e[:-1], items[:-1], model, params, tables, rows,
                       jax.random.key(0), folds=3, ridge_lambda=1e-8)
+
+
+def test_kind_options_default_to_what_the_config_sets_and_raise_under_other_kinds():
+  cfg = common.base_config("synthetic", n_max=100, k=10).align
+  for name, (kinds, default) in align.KIND_OPTIONS.items():
+    value = cfg[name]
+    assert (tuple(value) if isinstance(value, list) else value) == default, name
+    assert set(kinds) <= set(align.KINDS), name
+  align.check_options(cfg)  # the defaults pass under every kind
+  for kind in align.KINDS:
+    align.check_options(ml_collections.ConfigDict(dict(cfg.to_dict(), kind=kind)))
+  bad = {"lowrank": {"steps": 20, "lam": 0.5, "hidden": (8,), "knn_k": 5},
+         "mlp": {"rank": 3, "shrink": "gate", "folds": 3},
+         "knn": {"ridge_lambda": 10.0}, "ridge": {"rank": 2, "knn_temperature": 0.1}}
+  for kind, options in bad.items():
+    for name, value in options.items():
+      c = ml_collections.ConfigDict(dict(cfg.to_dict(), kind=kind, **{name: value}))
+      with pytest.raises(ValueError, match=f"align.{name}="):
+        align.check_options(c)
+  ok = ml_collections.ConfigDict(dict(cfg.to_dict(), kind="lowrank", rank=3, ridge_lambda=1.0))
+  align.check_options(ok)
+  with pytest.raises(ValueError, match="align.kind must be one of"):
+    align.check_options(ml_collections.ConfigDict(dict(cfg.to_dict(), kind="pca")))

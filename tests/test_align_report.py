@@ -75,7 +75,7 @@ def test_the_report_reads_no_emerging_row(closed_run, tmp_path):
 
 
 def test_the_mlp_writes_train_and_heldout_fvu_over_steps(tmp_path):
-  res = _run(tmp_path, **{"align.kind": "mlp", "eval.test": False})
+  res = _run(tmp_path, **{"align.kind": "mlp", "align.steps": 20, "eval.test": False})
   steps = int(res["config"]["align"]["steps"])
   scalars = curves.read_scalars(tmp_path / "seed_0" / "tb")
   for stage in ("align", "rule-align"):

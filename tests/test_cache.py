@@ -70,7 +70,6 @@ def _config(method, **overrides):
   c.data.val_fraction = 0.2
   c.method = method
   c.eval.curves = False
-  c.align.steps = 5
   for k, v in overrides.items():
     section, field = k.split(".")
     c[section][field] = v
@@ -105,7 +104,7 @@ def test_emerflow_stages_are_recomputed_exactly_when_their_sections_change(tmp_p
   assert s1["backbone"] == s0["backbone"] and len(s1["rule-meta"]) == 2
   assert res["config"]["meta"]["alpha"] == 0.02 and res["keys"] != first["keys"]
   # align changes: every alignment and the rule on top of it are new.
-  _, s2 = run(**{"align.lam": 0.5})
+  _, s2 = run(**{"align.ridge_lambda": 10.0})
   assert len(s2["align"]) == 2 and len(s2["rule-align"]) == 2
   assert len(s2["rule-meta"]) == 3 and s2["backbone"] == s0["backbone"]
   # pretraining changes: new backbones (and everything built on them).

@@ -17,7 +17,6 @@ def _context(workdir, method_name, **overrides):
   cfg = synthetic_config.get_config("smoke")
   cfg.meta.epochs = 2
   cfg.meta.batch_tasks = 16
-  cfg.align.steps = 10
   cfg.meta.rule_holdout = 0.0  # one backbone unless a test asks for the rule backbone
   for k, v in overrides.items():
     section, field = k.split(".")

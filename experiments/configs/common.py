@@ -51,22 +51,22 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.generate.max_new_tokens = 96  # tokens per answer
 
   c.align = ml_collections.ConfigDict()
-  c.align.hidden = (64,)          # mapper g_phi hidden sizes
+  c.align.hidden = (64,)          # mlp: mapper g_phi hidden sizes
   c.align.use_fields = False      # also feed the frozen backbone's item-field embeddings (off: chosen on validation)
-  c.align.lam = 0.1               # weight of the BCE term (the MSE term is variance-normalised)
-  c.align.steps = 1000            # alignment training steps
-  c.align.lr = 1e-3               # Adam learning rate
-  c.align.batch_rows = 1024       # old-item rows per BCE minibatch
-  c.align.weight_decay = 1e-4     # AdamW decay of the mapper
-  c.align.holdout = 0.2           # old items held out of the MSE term for early stopping
-  c.align.kind = "lowrank"        # mlp (g_phi above) | ridge | lowrank (reduced-rank ridge) | knn (text neighbours); lowrank: validation AUC at cold, ML-100K and repoDB
+  c.align.lam = 0.1               # mlp: weight of the BCE term (the MSE term is variance-normalised)
+  c.align.steps = 1000            # mlp: alignment training steps
+  c.align.lr = 1e-3               # mlp: Adam learning rate
+  c.align.batch_rows = 1024       # mlp: old-item rows per BCE minibatch
+  c.align.weight_decay = 1e-4     # mlp: AdamW decay of the mapper
+  c.align.holdout = 0.2           # mlp: old items held out of the MSE term for early stopping
+  c.align.kind = "lowrank"        # mlp (g_phi, the mlp: options above) | ridge | lowrank (reduced-rank ridge) | knn (text neighbours); lowrank: validation AUC at cold, ML-100K and repoDB
   c.align.shrink = "none"         # prior toward the old-item mean: none | global (one factor) | gate (per item); closed-form kinds (validation could not separate them)
-  c.align.folds = 5               # k-fold CV over old items (closed forms' hyperparameters, the prior)
-  c.align.ridge_lambda = 0.0      # ridge|lowrank penalty (0 -> chosen by CV)
-  c.align.rank = 0                # lowrank rank (0 -> chosen by CV)
-  c.align.knn_k = 0               # knn neighbours (0 -> chosen by CV)
-  c.align.knn_temperature = 0.0   # knn softmax temperature on cosine similarity (0 -> chosen by CV)
-  c.align.diagnose = False        # log held-out FVU and cold AUC on old items (nested CV; slower)
+  c.align.folds = 5               # closed forms: k-fold CV over old items (closed forms' hyperparameters, the prior)
+  c.align.ridge_lambda = 0.0      # ridge|lowrank: penalty (0 -> chosen by CV)
+  c.align.rank = 0                # lowrank: rank (0 -> chosen by CV)
+  c.align.knn_k = 0               # knn: neighbours (0 -> chosen by CV)
+  c.align.knn_temperature = 0.0   # knn: softmax temperature on cosine similarity (0 -> chosen by CV)
+  c.align.diagnose = False        # closed forms: log held-out FVU and cold AUC on old items (nested CV; slower)
 
   c.meta = ml_collections.ConfigDict()
   c.meta.tasks = "flow"           # flow (replay warm phases a,b,c, score later rows) | chunks (chunk j -> j+1)
@@ -174,7 +174,6 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to a seconds-long CPU run (tests, CI, first look)."""
   c.seeds = 1
   c.optim.epochs = 1
-  c.align.steps = 20
   c.meta.epochs = 1
   c.meta.inner_steps = 2
   c.warmup.steps = 2
