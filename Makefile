@@ -32,8 +32,12 @@ $(STAMP): $(REQS)
 	  $(VPY) -m pip install --no-deps -r requirements-llm-nodeps.txt; fi
 	touch $@
 
+# pytest-xdist workers (TEST_WORKERS=0 runs in one process); loadscope keeps a
+# module's tests on one worker, so a module-scoped fixture is built once.
+TEST_WORKERS ?= 2
 test: setup
-	EMERFLOW_DATA_DIR=$${EMERFLOW_DATA_DIR:-../shared/data} $(VPY) -m pytest -q tests
+	EMERFLOW_DATA_DIR=$${EMERFLOW_DATA_DIR:-../shared/data} $(VPY) -m pytest -q \
+	  $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) tests
 
 SEEDS ?= 3
 run: setup

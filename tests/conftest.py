@@ -16,12 +16,15 @@ Fixtures:
 
 Background commands: a test marked ``@pytest.mark.background(make_argv=...)``
 checks a long command (a binary end to end) that needs nothing from the tests
-before it.  Once collection is done, ``make_argv(params, workdir)`` (the test's
-parametrisation, a fresh folder) gives its command line, or None to run
-nothing (missing data: the test skips itself); the commands run one at a time
-in the background while the other tests run, and the marked tests run last,
-each checking its finished command.  A run of the suite thus uses a second
-core; each command still runs exactly as it would inside its test.
+before it.  ``make_argv(params, workdir)`` (the test's parametrisation, a
+fresh folder) gives its command line, or None to run nothing (missing data:
+the test skips itself).  In a plain pytest process the commands start once
+collection is done and run one at a time in the background while the other
+tests run; the marked tests run last, each checking its finished command, so
+the suite uses a second core.  Under pytest-xdist (``-n``, as ``make test``
+runs it) the workers already fill the cores: each marked test runs its
+command when it comes up.  Either way the command runs exactly as it would
+inside its test.
 """
 
 from __future__ import annotations
@@ -148,8 +151,8 @@ def pytest_configure(config):
 def pytest_collection_finish(session):
   """Starts the commands of the selected background tests; runs those tests last."""
   global _background
-  if session.config.option.collectonly:
-    return
+  if session.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER"):
+    return  # under xdist, background_run runs each command when its test comes up
   marked = [it for it in session.items if it.get_closest_marker("background")]
   if not marked:
     return
@@ -291,6 +294,8 @@ def experiment_argv():
 def background_run(request) -> types.SimpleNamespace:
   """The finished command of this ``background`` test: .proc (CompletedProcess,
   text stdout/stderr) and .workdir (the folder given to its make_argv)."""
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    return _run_now(request)
   if _background is None:
     pytest.fail("background commands start after collection; none was started")
   job = _background.jobs.get(request.node.nodeid)
@@ -300,6 +305,22 @@ def background_run(request) -> types.SimpleNamespace:
   proc = future.result()
   if proc is None:
     pytest.fail("the session closed before this background command ran")
+  return types.SimpleNamespace(proc=proc, workdir=workdir)
+
+
+def _run_now(request) -> types.SimpleNamespace:
+  """``background_run`` inside an xdist worker: the command, run here and now."""
+  make_argv = request.node.get_closest_marker("background").kwargs["make_argv"]
+  callspec = getattr(request.node, "callspec", None)
+  workdir = request.getfixturevalue("tmp_path") / "run"
+  argv = make_argv(dict(callspec.params) if callspec else {}, workdir)
+  if argv is None:
+    pytest.skip("make_argv gave no command (it found no real data to run on)")
+  try:
+    proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=BACKGROUND_TIMEOUT_S, check=False)
+  except subprocess.TimeoutExpired as e:
+    pytest.fail(f"{' '.join(argv)} ran past {BACKGROUND_TIMEOUT_S} s:\n{e.stderr}")
   return types.SimpleNamespace(proc=proc, workdir=workdir)
 
 
