@@ -95,6 +95,7 @@ def main(argv):
   del argv
   sharding.maybe_initialize_distributed(
       refuse="--tune draws trials per process" if _TUNE.value else "")
+  sharding.setup_compilation_cache()  # runs of one grid share compiled programs
   logs.quiet_third_party()
   config = _CONFIG.value
   seeds = _SEEDS.value or config.seeds

@@ -22,6 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   sharding.maybe_initialize_distributed()  # several hosts (docs/scaling.md)
+  sharding.setup_compilation_cache()  # runs of one grid share compiled programs
   logs.quiet_third_party()
   summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info("wrote %s/results.json (%.1f s)", _WORKDIR.value,

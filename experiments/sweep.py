@@ -40,6 +40,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   sharding.maybe_initialize_distributed(refuse="a sweep shares machines through --storage")
+  sharding.setup_compilation_cache()  # runs of one grid share compiled programs
   config_flag = flags.FLAGS["config"]
   path = config_flags.get_config_filename(config_flag)
   base = dict(config_flags.get_override_values(config_flag))

@@ -36,6 +36,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   sharding.maybe_initialize_distributed(refuse="tuning shares machines through --storage")
+  sharding.setup_compilation_cache()  # runs of one grid share compiled programs
   logs.quiet_third_party()
   for method in _METHODS.value:
     config = _CONFIG.value.copy_and_resolve_references()

@@ -178,3 +178,25 @@ def test_sharded_over_four_devices_equals_single_device(tmp_path):
   assert out["adapt_diff"] < 1e-5, out
   assert out["train_moved"] > 1e-4, out
   assert out["train_param_diff"] < 1e-5, out
+
+
+def test_compilation_cache_folder_comes_from_the_environment(tmp_path):
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
+  before = {k: getattr(jax.config, k) for k in keys}
+  try:
+    assert sharding.setup_compilation_cache({"EMERFLOW_XLA_CACHE": "0"}) is None
+    assert jax.config.jax_compilation_cache_dir == before["jax_compilation_cache_dir"]
+    got = sharding.setup_compilation_cache({"XDG_CACHE_HOME": str(tmp_path)})
+    assert got == str(tmp_path / "emerflow_jax" / "xla")
+    assert jax.config.jax_compilation_cache_dir == got
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    assert jax.config.jax_compilation_cache_max_size == sharding.XLA_CACHE_MAX_BYTES
+    own = sharding.setup_compilation_cache({"JAX_COMPILATION_CACHE_DIR": "/x",
+                                            "EMERFLOW_XLA_CACHE": "/y",
+                                            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "2"})
+    assert own == "/x" and jax.config.jax_persistent_cache_min_compile_time_secs == 2.0
+    assert sharding.setup_compilation_cache({"EMERFLOW_XLA_CACHE": "/y"}) == "/y"
+  finally:
+    for k, v in before.items():
+      jax.config.update(k, v)
