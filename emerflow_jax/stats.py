@@ -14,8 +14,9 @@ DESIGN §10.  For one phase and two methods run on the same split and seeds:
 
 Resampling items rather than rows respects that rows of one item are not
 independent.  A resample with an item drawn c times is the pooled AUC with
-that item's rows weighted c, which ``weighted_auc`` computes for a whole
-batch of resamples from one sort.  A difference counts (a win or a loss, and
+that item's rows weighted c, which ``item_weighted_auc`` computes for a
+whole batch of resamples from one sort (``weighted_auc`` is its row-space
+reference).  A difference counts (a win or a loss, and
 bold in a table) only when its interval excludes zero.
 """
 
@@ -57,6 +58,67 @@ def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray
   den = pos.sum(1) * neg.sum(1)
   with np.errstate(invalid="ignore", divide="ignore"):
     return (pos * (below + 0.5 * neg)).sum(1) / den
+
+
+# Item space while n_items^2 <= this x n_rows (a BLAS product over items
+# against numpy passes over rows; measured break-even on 2 CPU cores).
+ITEM_SPACE_RATIO = 64
+# Cells of one block's [tie groups, items] tables (32 MiB of float64).
+BLOCK_CELLS = 1 << 22
+
+
+def item_weighted_auc(labels: np.ndarray, scores: np.ndarray, item_of_row: np.ndarray,
+                      counts: np.ndarray) -> np.ndarray:
+  """``weighted_auc`` with row weights ``counts[:, item_of_row]``, in item space.
+
+  An item bootstrap weights every row of an item by the item's draw count
+  c, so the weighted pair count is the quadratic form c^T M c, where
+  M[I, J] counts the (positive row of I, negative row of J) pairs the
+  positive scores above (ties 1/2).  M is built once from one sort; each
+  resample then costs a matrix product over items instead of a pass over
+  rows (DisGeNET's 14,568 test rows of 814 items: 0.10 s against 0.43 s for
+  1,000 resamples).  With many items per row (``ITEM_SPACE_RATIO``) it is the
+  row-space ``weighted_auc``.
+
+  Args:
+    labels: [n] binary labels.
+    scores: [n] scores.
+    item_of_row: [n] int item index of each row, in [0, n_items).
+    counts: [B, n_items] non-negative draw counts.
+
+  Returns:
+    [B] AUCs, equal to ``weighted_auc(labels, scores, counts[:, item_of_row])``.
+  """
+  labels = np.asarray(labels).astype(bool)
+  counts = np.asarray(counts, np.float64)
+  n_items = counts.shape[1]
+  if n_items * n_items > ITEM_SPACE_RATIO * len(labels):  # M would cost more than rows
+    return weighted_auc(labels, scores, counts[:, np.asarray(item_of_row)])
+  order = np.argsort(np.asarray(scores, np.float64), kind="mergesort")
+  s = np.asarray(scores, np.float64)[order]
+  y, item = labels[order], np.asarray(item_of_row)[order]
+  group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1  # tie group of each row
+  n_groups = int(group[-1]) + 1 if len(group) else 0
+  m = np.zeros((n_items, n_items))
+  seen = np.zeros(n_items)  # negatives per item in the groups already done
+  # Blocks of tie groups keep the [groups, items] tables small.
+  block = max(1, BLOCK_CELLS // max(n_items, 1))
+  bounds = np.searchsorted(group, np.arange(0, n_groups + block, block))
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    if lo == hi:
+      continue
+    g, yy, it = group[lo:hi] - group[lo], y[lo:hi], item[lo:hi]
+    tie = np.zeros((int(g[-1]) + 1, n_items))
+    np.add.at(tie, (g[~yy], it[~yy]), 1.0)  # negatives per (group, item)
+    below = seen + np.cumsum(tie, axis=0) - tie
+    np.add.at(m, it[yy], below[g[yy]] + 0.5 * tie[g[yy]])
+    seen += tie.sum(0)
+  n_pos = np.bincount(item[y], minlength=n_items).astype(np.float64)
+  n_neg = np.bincount(item[~y], minlength=n_items).astype(np.float64)
+  num = np.einsum("bi,bi->b", counts @ m, counts)
+  den = (counts @ n_pos) * (counts @ n_neg)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return num / den
 
 
 def _check_pair(a: Preds, b: Preds, prefix: str) -> None:
@@ -103,9 +165,10 @@ def paired_replicates(a: Sequence[Preds], b: Sequence[Preds], phase: str,
     _check_pair(pa, pb, prefix)
     labels = pa[prefix + "labels"]
     _, item_of_row = np.unique(pa[prefix + "owner"], return_inverse=True)
-    weights = np.vstack([np.ones((1, len(labels))), np.asarray(c)[:, item_of_row]])
+    c = np.vstack([np.ones((1, np.asarray(c).shape[1])), np.asarray(c)])
     key = f"{prefix}prob_{phase}"
-    d = weighted_auc(labels, pa[key], weights) - weighted_auc(labels, pb[key], weights)
+    d = (item_weighted_auc(labels, pa[key], item_of_row, c)
+         - item_weighted_auc(labels, pb[key], item_of_row, c))
     diffs.append(d[0])
     reps.append(d[1:])
   return np.asarray(diffs), np.mean(reps, axis=0)

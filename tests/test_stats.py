@@ -26,6 +26,26 @@ def test_weighted_auc_equals_the_plain_auc_and_repeated_rows():
     assert got[b + 1] == pytest.approx(metrics.auc(labels[rows], scores[rows]))
 
 
+@pytest.mark.parametrize("n_rows,n_items,decimals", [(400, 20, 1), (400, 20, 6),
+                                                     (60, 40, 1), (3000, 150, 2)])
+def test_item_space_auc_equals_the_row_space_auc(n_rows, n_items, decimals, monkeypatch):
+  # (60, 40): more items than ITEM_SPACE_RATIO allows, the row-space path.
+  rng = np.random.default_rng(n_rows + n_items)
+  labels = rng.integers(0, 2, n_rows)
+  scores = np.round(rng.random(n_rows), decimals)  # ties across and within items
+  item_of_row = rng.integers(0, n_items, n_rows)
+  counts = np.vstack([np.ones((1, n_items)), stats.resample_counts(rng, n_items, 50)])
+  counts[1, :3] = 0  # items never drawn
+  want = stats.weighted_auc(labels, scores, counts[:, item_of_row])
+  got = stats.item_weighted_auc(labels, scores, item_of_row, counts)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  assert got[0] == pytest.approx(metrics.auc(labels, scores))
+  # Blocks of a few tie groups each: the same values.
+  monkeypatch.setattr(stats, "BLOCK_CELLS", 3 * n_items)
+  np.testing.assert_allclose(stats.item_weighted_auc(labels, scores, item_of_row, counts),
+                             want, rtol=1e-12, atol=1e-12)
+
+
 def test_paired_replicates_hand_computed():
   # Seed 0. A ranks every positive first: AUC 1 on any resample.  B scores
   # item 7 backwards (.2 < .8) and item 3 right (.6 > .4); pooled over both:
