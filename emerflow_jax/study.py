@@ -15,8 +15,12 @@ one worker, and none is lost:
   workers (the lowest ``n_trials`` numbers run, later ones are PRUNED);
 * a trial that raises is recorded as FAIL with its error text; the next
   ``work`` call on a grid retries failed points, never COMPLETE ones;
-* a RUNNING trial whose heartbeat is older than ``grace_s`` (its worker was
-  killed) is marked FAIL when a worker starts, so its point is retried.
+* a RUNNING trial whose heartbeat is older than ``grace_s``, or whose worker
+  process on this host has exited (it was killed), is marked FAIL when a
+  worker starts, so its point is retried;
+* a worker returns only when no trial is RUNNING: one with nothing left to
+  draw waits for the others, and takes over a point whose worker dies, so a
+  study read after ``work`` is complete (every budget trial finished).
 """
 
 from __future__ import annotations
@@ -181,11 +185,31 @@ def fail_stale(st: optuna.Study, grace_s: float,
   now, out = time.time(), []
   for t in st.get_trials(deepcopy=False, states=(State.RUNNING,)):
     last = t.user_attrs.get("heartbeat") or t.datetime_start.timestamp()
-    if now - last > grace_s:
+    why = (f"had no heartbeat for {now - last:.0f} s" if now - last > grace_s
+           else "its worker process on this host is gone" if _worker_gone(t) else "")
+    if why:
       st.tell(t.number, state=State.FAIL, skip_if_finished=True)
-      log(f"study: trial {t.number} had no heartbeat for {now - last:.0f} s: FAIL")
+      log(f"study: trial {t.number} {why}: FAIL")
       out.append(t.number)
   return out
+
+
+def _worker_gone(t: optuna.trial.FrozenTrial) -> bool:
+  """True when the trial's worker ran on this host and its process has exited.
+
+  A killed run restarted on the same machine thus retries the killed trial at
+  once instead of waiting out the heartbeat's grace period.
+  """
+  host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+  if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+    return False
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:  # alive, another user's
+    return False
+  return False
 
 
 def requeue_failed(st: optuna.Study, grid: Sequence[Mapping[str, Any]]) -> int:
@@ -251,7 +275,7 @@ def work(st: optuna.Study, suggest: Callable[[optuna.Trial], dict],
          grid: Sequence[Mapping[str, Any]] | None = None, n_trials: int | None = None,
          lock: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
          grace_s: float = 900.0, heartbeat_s: float = 30.0, wait_s: float = 60.0,
-         log: Callable[[str], None] = logging.info) -> list[int]:
+         poll_s: float = 5.0, log: Callable[[str], None] = logging.info) -> list[int]:
   """Runs trials until the grid is covered or the study's budget is used.
 
   Args:
@@ -266,6 +290,8 @@ def work(st: optuna.Study, suggest: Callable[[optuna.Trial], dict],
     grace_s: a RUNNING trial silent this long belongs to a dead worker.
     heartbeat_s: the least seconds between two heartbeats of a trial.
     wait_s: how long to wait for a lower-numbered trial to say what it holds.
+    poll_s: how often a worker with nothing left to draw checks the trials
+      still running elsewhere (it returns once none runs).
     log: progress messages.
 
   Returns:
@@ -280,11 +306,22 @@ def work(st: optuna.Study, suggest: Callable[[optuna.Trial], dict],
   ran: list[int] = []
   failures = 0
   while True:
-    if grid is not None and not _open_points(st, grid):
+    if grid is None and failures >= n_trials:
       break
-    if grid is None and (failures >= n_trials or sum(
-        t.state in _LIVE for t in st.get_trials(deepcopy=False)) >= n_trials):
-      break
+    trials = st.get_trials(deepcopy=False)
+    if (not _open_points(st, grid) if grid is not None
+        else sum(t.state in _LIVE for t in trials) >= n_trials):
+      # Nothing left to draw, but a trial still RUNNING elsewhere may yet
+      # fail (its worker dies) and free its point: the study is decided only
+      # when none runs, so a caller reading the best trial sees every one.
+      if not any(t.state == State.RUNNING for t in trials):
+        break
+      time.sleep(min(heartbeat_s, poll_s))
+      with lock():
+        fail_stale(st, grace_s, log)
+        if grid is not None:
+          requeue_failed(st, grid)
+      continue
     with lock():
       trial = st.ask()
     params = suggest(trial)

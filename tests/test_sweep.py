@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -140,6 +141,47 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path):
   assert states[stale.number] == State.FAIL
   done = sorted(t.params["x"] for t in st.get_trials(states=(State.COMPLETE,)))
   assert done == ["1", "2"] and len(ran) == 2
+
+
+def _stale_budget_study(tmp_path, worker):
+  """A random study (budget 2) with one RUNNING trial drawn by ``worker``."""
+  st = study.open_study(study.sqlite_url(tmp_path / "study.db"), "s",
+                        study.make_sampler("random", seed=0))
+  stale = st.ask()
+  stale.suggest_float("x", 0.0, 1.0)
+  stale.set_user_attr("worker", worker)
+  stale.set_user_attr("heartbeat", time.time())  # fresh: not stale by the clock
+  return st, stale
+
+
+def _budget_work(st, **kwargs):
+  return study.work(st, lambda t: {"x": t.suggest_float("x", 0.0, 1.0)},
+                    lambda n, p, beat: {"value": p["x"]}, n_trials=2,
+                    log=lambda _: None, **kwargs)
+
+
+def test_a_trial_of_a_dead_process_on_this_host_is_retried_at_once(tmp_path):
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  st, stale = _stale_budget_study(tmp_path, f"{socket.gethostname()}:{gone.stdout.strip()}")
+  start = time.time()
+  ran = _budget_work(st, grace_s=3600)
+  assert time.time() - start < 60  # not the hour of grace
+  states = {t.number: t.state for t in st.get_trials()}
+  assert states[stale.number] == State.FAIL
+  assert len(st.get_trials(states=(State.COMPLETE,))) == 2 and len(ran) == 2
+
+
+def test_a_worker_waits_for_running_trials_and_fills_a_dead_ones_budget(tmp_path):
+  # The stale trial's worker is on another host: only its heartbeat tells.
+  st, stale = _stale_budget_study(tmp_path, "another-host:1")
+  ran = _budget_work(st, grace_s=1.0, poll_s=0.05)
+  # One trial ran at once (the stale one held the other budget slot); the
+  # worker then waited for it, failed it after the grace and ran its slot.
+  states = {t.number: t.state for t in st.get_trials()}
+  assert states[stale.number] == State.FAIL
+  assert len(st.get_trials(states=(State.COMPLETE,))) == 2 and len(ran) == 2
+  assert not st.get_trials(states=(State.RUNNING,))
 
 
 def test_a_point_queued_twice_runs_once(tmp_path):
