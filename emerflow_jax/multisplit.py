@@ -20,6 +20,7 @@ grid backbone, over the same test rows, and named ``method (backbone)``.
 
 from __future__ import annotations
 
+import ast
 import copy
 import importlib.util
 import inspect
@@ -61,8 +62,18 @@ def load_splits(config_path: str) -> list[dict] | None:
 
 
 def parse_splits(text: str) -> list[dict]:
-  """``'data.n_max=80,100;data.k=5,10'`` -> the product as override dicts."""
-  return sweep.grid_points(sweep.parse_grid(text))
+  """``'data.n_max=80,100;data.k=5,10'`` -> the product as override dicts.
+
+  Values are Python literals where they parse as one (``80`` is an int, as
+  ``get_splits()`` would give it), else strings.
+  """
+  def literal(value: str):
+    try:
+      return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      return value
+  return [{k: literal(v) for k, v in point.items()}
+          for point in sweep.grid_points(sweep.parse_grid(text))]
 
 
 def interval_rows(grid: dict, workdir: pathlib.Path, n_boot: int, level: float,

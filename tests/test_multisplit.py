@@ -6,8 +6,8 @@ import pathlib
 
 import numpy as np
 
-from emerflow_jax import checkpoint, multisplit, protocol
-from experiments.configs import synthetic
+from emerflow_jax import checkpoint, multisplit, protocol, tune
+from experiments.configs import common, synthetic
 
 PHASES = protocol.PHASES
 
@@ -105,8 +105,14 @@ def test_an_own_backbone_baseline_is_paired_with_emerflow_on_every_backbone(tmp_
 
 
 def test_splits_come_from_configs_or_a_grid_string():
-  assert multisplit.parse_splits("data.n_max=80,100;data.k=5") == [
-      {"data.n_max": "80", "data.k": "5"}, {"data.n_max": "100", "data.k": "5"}]
+  parsed = multisplit.parse_splits("data.n_max=80,100;data.k=5")
+  assert parsed == [{"data.n_max": 80, "data.k": 5}, {"data.n_max": 100, "data.k": 5}]
+  # They apply to a config as get_splits() points do (int fields stay ints).
+  config = common.base_config("movielens100k", n_max=100, k=10)
+  applied = tune.apply(config, parsed[0])
+  assert (applied.data.n_max, applied.data.k) == (80, 5)
+  assert multisplit.parse_splits("data.source=a,b") == [{"data.source": "a"},
+                                                         {"data.source": "b"}]
   ml = multisplit.load_splits("experiments/configs/movielens100k.py")
   assert ml == [{"data.n_max": 100, "data.k": 10}, {"data.n_max": 80, "data.k": 5}]
   wide = multisplit.load_splits("experiments/configs/movielens100k.py:wide")
