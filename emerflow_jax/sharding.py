@@ -87,7 +87,6 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None,
 
 
 ENV_XLA_CACHE = "EMERFLOW_XLA_CACHE"
-XLA_CACHE_MAX_BYTES = 2 << 30
 
 
 def setup_compilation_cache(env: Mapping[str, str] | None = None) -> str | None:
@@ -97,8 +96,10 @@ def setup_compilation_cache(env: Mapping[str, str] | None = None) -> str | None:
   fresh jitted closures, so without a cache each compiles again (seconds per
   program on CPU).  The cache keys a compiled program by its HLO and the
   compiler's options, so a hit changes no result.  Every program is cached,
-  however quick to compile; the folder is capped at ``XLA_CACHE_MAX_BYTES``
-  (least recently used entries go first).
+  however quick to compile.  The folder is not capped: JAX's size cap evicts
+  by access-time files that processes sharing the folder (a grid's settings
+  side by side, pytest-xdist workers) race on; delete the folder to reclaim
+  it (122 MB after the whole tuned grid).
 
   Where: ``$JAX_COMPILATION_CACHE_DIR`` when set (JAX's own variable), else
   ``$EMERFLOW_XLA_CACHE``, else ``$XDG_CACHE_HOME/emerflow_jax/xla`` (default
@@ -122,7 +123,6 @@ def setup_compilation_cache(env: Mapping[str, str] | None = None) -> str | None:
       env.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(
       env.get("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", 0)))
-  jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_MAX_BYTES)
   return folder
 
 
