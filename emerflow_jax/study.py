@@ -299,10 +299,14 @@ def work(st: optuna.Study, suggest: Callable[[optuna.Trial], dict],
   """
   if (grid is None) == (n_trials is None):
     raise ValueError("give exactly one of grid and n_trials")
-  with lock():
-    fail_stale(st, grace_s, log)
-    if grid is not None:
-      requeue_failed(st, grid)
+  def reap() -> None:
+    """Fails dead workers' trials; on a grid, queues their points again."""
+    with lock():
+      fail_stale(st, grace_s, log)
+      if grid is not None:
+        requeue_failed(st, grid)
+
+  reap()
   ran: list[int] = []
   failures = 0
   while True:
@@ -317,10 +321,7 @@ def work(st: optuna.Study, suggest: Callable[[optuna.Trial], dict],
       if not any(t.state == State.RUNNING for t in trials):
         break
       time.sleep(min(heartbeat_s, poll_s))
-      with lock():
-        fail_stale(st, grace_s, log)
-        if grid is not None:
-          requeue_failed(st, grid)
+      reap()
       continue
     with lock():
       trial = st.ask()

@@ -43,7 +43,7 @@ import jax
 import numpy as np
 import pytest
 
-from emerflow_jax import methods, pretrain, protocol, tasks
+from emerflow_jax import methods, pretrain, protocol, sharding, tasks
 from emerflow_jax.data import dataset as dataset_lib
 from emerflow_jax.data import paths, synthetic
 from emerflow_jax.models import backbones
@@ -139,13 +139,16 @@ def pytest_configure(config):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _own_cache_dir
   for name, default in _CACHE_ENV.items():
     os.environ.setdefault(name, default)
-  # jax read its environment at import time: configure this process directly.
-  env = os.environ
-  jax.config.update("jax_compilation_cache_dir", env["JAX_COMPILATION_CACHE_DIR"])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                    float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes",
-                    int(env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+  # jax read its environment at import time: configure this process as the
+  # binaries configure themselves (from the environment just set).
+  sharding.setup_compilation_cache()
+
+
+def _background_argv(item, workdir: pathlib.Path) -> list[str] | None:
+  """The command of a ``background`` test: its make_argv on its parameters."""
+  make_argv = item.get_closest_marker("background").kwargs["make_argv"]
+  callspec = getattr(item, "callspec", None)
+  return make_argv(dict(callspec.params) if callspec else {}, workdir)
 
 
 def pytest_collection_finish(session):
@@ -158,11 +161,9 @@ def pytest_collection_finish(session):
     return
   _background = _Background()
   for n, item in enumerate(marked):
-    make_argv = item.get_closest_marker("background").kwargs["make_argv"]
-    callspec = getattr(item, "callspec", None)
     workdir = _background.root / f"job{n}" / "run"
     workdir.parent.mkdir(parents=True)
-    argv = make_argv(dict(callspec.params) if callspec else {}, workdir)
+    argv = _background_argv(item, workdir)
     if argv is not None:
       _background.submit(item.nodeid, argv, workdir)
   rest = [it for it in session.items if not it.get_closest_marker("background")]
@@ -310,10 +311,8 @@ def background_run(request) -> types.SimpleNamespace:
 
 def _run_now(request) -> types.SimpleNamespace:
   """``background_run`` inside an xdist worker: the command, run here and now."""
-  make_argv = request.node.get_closest_marker("background").kwargs["make_argv"]
-  callspec = getattr(request.node, "callspec", None)
   workdir = request.getfixturevalue("tmp_path") / "run"
-  argv = make_argv(dict(callspec.params) if callspec else {}, workdir)
+  argv = _background_argv(request.node, workdir)
   if argv is None:
     pytest.skip("make_argv gave no command (it found no real data to run on)")
   try:
