@@ -115,11 +115,11 @@ def test_fit_cold_refine_and_no_future_rows(tiny_ds, tiny_split, tiny_context, t
 @pytest.mark.background(make_argv=lambda p, w: test_baselines_emerg.binary_argv(
     p["config"], "gme", p["backbone"], w))  # runs while the other tests run (conftest.py)
 @pytest.mark.parametrize("config,backbone", [("synthetic", "deepfm"),
-                                             ("movielens100k", "deepfm"),
                                              ("disgenet", "widedeep"),
                                              ("repodb", "emerg_gnn")])
 def test_binary(config, backbone, request, background_run):
-  """experiments.run --config.method=gme on each dataset's smoke config."""
+  """experiments.run --config.method=gme on smoke configs (with EmerG's
+  MovieLens-100K run, every dataset and backbone kind once)."""
   if config in test_baselines_emerg.REAL:
     request.getfixturevalue("real_data")(*test_baselines_emerg.REAL[config])
   test_baselines_emerg.check_binary(background_run, "gme", backbone)

@@ -23,6 +23,9 @@ import pytest
 
 from emerflow_jax import sharding
 
+# The session's XLA_FLAGS (conftest.py sets a fast-compile level), kept in children.
+_SESSION_FLAGS = os.environ.get("XLA_FLAGS", "")
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEADLINE_S = 150  # a hung collective fails the test; a normal run takes ~30 s
 PHASE = 1  # warm_b's step size (phase_alpha learns one per phase)
@@ -126,10 +129,10 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
   port = _free_port()
   shared = tmp_path / "shared"  # both processes' workdir (as on a shared disk)
   shared.mkdir()
-  procs = {"single": _start(tmp_path, "single", dict(
-      base, XLA_FLAGS="--xla_force_host_platform_device_count=4"), tmp_path / "single")}
+  single = dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {_SESSION_FLAGS}")
+  procs = {"single": _start(tmp_path, "single", single, tmp_path / "single")}
   for i in range(2):
-    env = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {_SESSION_FLAGS}",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))

@@ -17,6 +17,9 @@ from emerflow_jax import pretrain, sharding, tasks
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 
+# The session's XLA_FLAGS (conftest.py sets a fast-compile level), kept in children.
+_SESSION_FLAGS = os.environ.get("XLA_FLAGS", "")
+
 # Same model and optimiser as the tiny_backbone fixture: the compiled epoch is
 # shared through the session's compilation cache.
 DIM, MLP, BATCH, LR = 4, (8,), 64, 1e-2
@@ -117,7 +120,7 @@ def _four_device_checks(workdir: str) -> dict:
 
 
 def test_four_devices_give_the_parameters_of_one(tmp_path, repo_root):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {_SESSION_FLAGS}",
              JAX_PLATFORMS="cpu")
   code = ("import json, sys; from tests import test_pretrain as t; "
           "print('RESULT', json.dumps(t._four_device_checks(sys.argv[1])))")

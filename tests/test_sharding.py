@@ -21,6 +21,9 @@ from emerflow_jax import align, emerflow_meta, meta, methods, protocol, sharding
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 
+# The session's XLA_FLAGS (conftest.py sets a fast-compile level), kept in children.
+_SESSION_FLAGS = os.environ.get("XLA_FLAGS", "")
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -162,7 +165,7 @@ def _four_device_checks(workdir: str) -> dict:
 
 
 def test_sharded_over_four_devices_equals_single_device(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {_SESSION_FLAGS}",
              JAX_PLATFORMS="cpu")
   code = ("import json, sys; from tests import test_sharding as t; "
           "print('RESULT', json.dumps(t._four_device_checks(sys.argv[1])))")
