@@ -15,6 +15,7 @@ its ID embedding, and the AUC is compared with the old-item mean embedding's.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -26,10 +27,17 @@ from emerflow_jax.models import backbones
 
 
 
+@functools.lru_cache(maxsize=None)
+def _score_fn(model: backbones.Backbone):
+  """``backbones.score`` for ``model``, compiled (once per model and row count)."""
+  return jax.jit(functools.partial(backbones.score, model))
+
+
 def _score(model, params, tables, rows, emb_rows: jnp.ndarray, chunk: int = 65536):
   """[R] logits of ``rows`` with item embeddings emb_rows [R, d], in chunks."""
-  out = [backbones.score(model, params, tables, jnp.asarray(rows["users"][i:i + chunk]),
-                         jnp.asarray(rows["items"][i:i + chunk]), emb_rows[i:i + chunk])
+  fn = _score_fn(model)
+  out = [fn(params, tables, jnp.asarray(rows["users"][i:i + chunk]),
+            jnp.asarray(rows["items"][i:i + chunk]), emb_rows[i:i + chunk])
          for i in range(0, len(rows["users"]), chunk)]
   return np.concatenate([np.asarray(o) for o in out])
 

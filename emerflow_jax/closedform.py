@@ -119,9 +119,13 @@ def fold_ids(n: int, folds: int, key: jax.Array) -> np.ndarray:
   return np.asarray(jax.random.permutation(key, jnp.arange(n) % folds))
 
 
-def fvu(pred: jnp.ndarray, e: jnp.ndarray) -> float:
-  """Fraction of variance unexplained, sum ||pred - e||^2 / sum ||e - mean e||^2."""
-  return float(jnp.sum((pred - e) ** 2) / jnp.maximum(jnp.sum((e - e.mean(0)) ** 2), 1e-12))
+def fvu(pred: Any, e: Any) -> float:
+  """Fraction of variance unexplained, sum ||pred - e||^2 / sum ||e - mean e||^2.
+
+  Computed on the host in float64 (arrays of either kind).
+  """
+  pred, e = np.asarray(pred, np.float64), np.asarray(e, np.float64)
+  return float(np.sum((pred - e) ** 2) / max(np.sum((e - e.mean(0)) ** 2), 1e-12))
 
 
 def candidates(kind: str, dim: int, **options: Any) -> list[dict[str, Any]]:
@@ -138,18 +142,38 @@ def candidates(kind: str, dim: int, **options: Any) -> list[dict[str, Any]]:
           for t in pick("knn_temperature", KNN_TEMPERATURES)]
 
 
+@functools.partial(jax.jit, static_argnames=("ranks",))
+def _linear_path(r_fit: jnp.ndarray, e_fit: jnp.ndarray, r_new: jnp.ndarray,
+                 lams: jnp.ndarray, ranks: tuple[int, ...] | None) -> jnp.ndarray:
+  """Predictions on r_new of every ridge (``ranks`` None) or lowrank fit at once.
+
+  Returns:
+    [L, n_new, d] for ridge, [L, R, n_new, d] for lowrank (lambda x rank).
+  """
+  mu_r, mu_e, w = _ridge_path(r_fit, e_fit, lams)  # w [L, D, d]
+  if ranks is not None:
+    rc = r_fit - mu_r
+    def reduce(wl):
+      _, _, vt = jnp.linalg.svd(rc @ wl, full_matrices=False)
+      return jnp.stack([wl @ (vt[:k].T @ vt[:k]) for k in ranks])
+    w = jax.vmap(reduce)(w)  # [L, R, D, d]
+  return (r_new - mu_r) @ w + mu_e
+
+
 def _predict_all(kind: str, r_fit, e_fit, r_new, cands) -> list[jnp.ndarray]:
-  """Predictions on r_new of a fit on (r_fit, e_fit) for every candidate."""
-  if kind in ("ridge", "lowrank"):  # one SVD serves every lambda
+  """Predictions on r_new of a fit on (r_fit, e_fit) for every candidate.
+
+  Ridge and lowrank take one program for all candidates (one SVD serves
+  every lambda, a batched one every rank); knn fits each candidate.
+  """
+  if kind in ("ridge", "lowrank"):
     lams = sorted({c["ridge_lambda"] for c in cands})
-    mu_r, mu_e, w = _ridge_path(r_fit, e_fit, jnp.asarray(lams, jnp.float32))
-    out = []
-    for c in cands:
-      wl = w[lams.index(c["ridge_lambda"])]
-      if kind == "lowrank":
-        wl = _reduce_rank(r_fit - mu_r, wl, int(c["rank"]))
-      out.append((r_new - mu_r) @ wl + mu_e)
-    return out
+    ranks = tuple(sorted({int(c["rank"]) for c in cands})) if kind == "lowrank" else None
+    out = _linear_path(r_fit, e_fit, r_new, jnp.asarray(lams, jnp.float32), ranks)
+    li = [lams.index(c["ridge_lambda"]) for c in cands]
+    if ranks is None:
+      return [out[l] for l in li]
+    return [out[l, ranks.index(int(c["rank"]))] for l, c in zip(li, cands)]
   return [apply(kind, fit(kind, r_fit, e_fit, **c), r_new) for c in cands]
 
 
@@ -181,15 +205,16 @@ def cross_validate(kind: str, r: jnp.ndarray, e: jnp.ndarray, key: jax.Array,
   """
   cands = candidates(kind, e.shape[-1], **options)
   fold = fold_ids(r.shape[0], folds, key)
-  preds = [jnp.zeros_like(e) for _ in cands]
+  r_np, e_np = np.asarray(r), np.asarray(e)
+  preds = np.zeros((len(cands),) + e_np.shape, np.float32)
   for f in range(folds):
     te = fold == f
-    for i, p in enumerate(_predict_all(kind, r[~te], e[~te], r[te], cands)):
-      preds[i] = preds[i].at[te].set(p)
-  scores = [fvu(p, e) for p in preds]
+    out = _predict_all(kind, r_np[~te], e_np[~te], r_np[te], cands)
+    preds[:, te] = np.asarray(jnp.stack(out))
+  scores = [fvu(p, e_np) for p in preds]
   best = int(np.argmin(scores))
-  return {"candidates": cands, "fvus": scores, "best": best, "oof": preds[best],
-          "fold": fold}
+  return {"candidates": cands, "fvus": scores, "best": best,
+          "oof": jnp.asarray(preds[best]), "fold": fold}
 
 
 def fit_cv(kind: str, r: jnp.ndarray, e: jnp.ndarray, key: jax.Array, folds: int = 5,
