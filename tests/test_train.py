@@ -142,6 +142,28 @@ def test_validation_only_runs_never_read_test_rows(tmp_path, monkeypatch):
     assert not any(k in f.files for k in ("labels", "owner")) and "val_labels" in f.files
 
 
+def test_val_pick_holds_out_the_old_items_with_fewest_rows(tmp_path, monkeypatch):
+  """data.val_pick=fewest_rows: validation items have no more rows than any kept one."""
+  seen = []
+  real = train.evaluate_items
+
+  def spy(method, ctx, state, items, *rest):
+    seen.append((np.asarray(items).copy(), ctx.split, ctx.ds))
+    return real(method, ctx, state, items, *rest)
+
+  monkeypatch.setattr(train, "evaluate_items", spy)
+  config = synthetic_config.get_config("smoke")
+  config.method, config.eval.test, config.eval.curves = "base", False, False
+  config.data.val_pick = "fewest_rows"
+  train.train_and_evaluate(config, str(tmp_path / "fewest"))
+  items, split, ds = seen[0]
+  counts = np.bincount(ds.items, minlength=ds.n_items)
+  assert counts[items].max() <= counts[split.old_items].min()
+  config.data.val_pick = "nope"
+  with pytest.raises(ValueError, match="fewest_rows"):
+    train.train_and_evaluate(config, str(tmp_path / "nope"))
+
+
 def test_pretrain_cost_adds_resumed_parts_and_keeps_it_on_read_back(tmp_path):
   ckpt = tmp_path / "backbone"
   assert train.pretrain_cost(ckpt, 3.0, trained=True) == 3.0

@@ -25,6 +25,7 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.data.n_max = n_max            # N: old items have more than N rows
   c.data.k = k                    # K: rows per warm phase
   c.data.val_fraction = 0.1       # old items held out as validation "emerging" items
+  c.data.val_pick = "random"      # which old items: random | fewest_rows (just over N rows, the most like emerging items)
 
   c.model = ml_collections.ConfigDict()
   c.model.dim = 16                # embedding dimension d
