@@ -95,6 +95,18 @@ def suggest(trial, params: Mapping[str, Param]) -> dict[str, Any]:
   return out
 
 
+def contains(p: Param, value: Any) -> bool:
+  """Whether ``value`` is a point of ``p`` (a Float/Int in range, on an Int's step)."""
+  if isinstance(p, Categorical):
+    return value in p.choices
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return False
+  if isinstance(p, Int):
+    return (float(value).is_integer() and p.low <= value <= p.high
+            and (value - p.low) % p.step == 0)
+  return p.low <= value <= p.high
+
+
 def grid_size(params: Mapping[str, Param]) -> float:
   """How many distinct points the space has (inf when any axis is real)."""
   n = 1.0

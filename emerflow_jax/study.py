@@ -313,8 +313,9 @@ def work(st: optuna.Study, suggest: Callable[[optuna.Trial], dict],
     if grid is None and failures >= n_trials:
       break
     trials = st.get_trials(deepcopy=False)
-    if (not _open_points(st, grid) if grid is not None
-        else sum(t.state in _LIVE for t in trials) >= n_trials):
+    queued = any(t.state == State.WAITING for t in trials)  # ask() pops it first
+    if not queued and (not _open_points(st, grid) if grid is not None
+                       else sum(t.state in _LIVE for t in trials) >= n_trials):
       # Nothing left to draw, but a trial still RUNNING elsewhere may yet
       # fail (its worker dies) and free its point: the study is decided only
       # when none runs, so a caller reading the best trial sees every one.

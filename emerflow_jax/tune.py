@@ -6,7 +6,8 @@ number of trials, on the validation holdout of old items only.  A trial is
 one run with ``eval.test=False``: the harness then removes the emerging items
 from the split before anything is built, so a trial cannot read a test row
 (``train.run_seed``); ``tune_method`` also refuses a trial result that holds
-a test AUC.
+a test AUC.  Trial 0 is each method's own config (its defaults, chosen on
+validation when they were set), the sampler draws the rest of the budget.
 
 The objective is the mean validation AUC over all four phases (cold, warm_a,
 warm_b, warm_c), averaged over the trial seeds: a method is chosen for the
@@ -27,7 +28,7 @@ import json
 import logging
 import os
 import pathlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
@@ -75,6 +76,19 @@ def apply(config: ml_collections.ConfigDict, params: Mapping[str, Any]
   return c
 
 
+def config_values(config: ml_collections.ConfigDict, keys: Sequence[str]) -> dict[str, Any]:
+  """The config's own values of dotted ``keys`` (KeyError naming a missing one)."""
+  out = {}
+  for key in keys:
+    node = config
+    for part in key.split("."):
+      if part not in node:
+        raise KeyError(f"search-space key {key!r} is not a config field")
+      node = node[part]
+    out[key] = node
+  return out
+
+
 def trial_config(config: ml_collections.ConfigDict, params: Mapping[str, Any],
                  seeds: int) -> ml_collections.ConfigDict:
   """The config of one tuning trial: ``params`` on ``config``, validation only.
@@ -112,9 +126,16 @@ def tune_method(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 n_trials: int, sampler: str = "tpe", seed: int = 0,
                 trial_seeds: int = 1, storage: str | None = None,
                 run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
-                name: str | None = None,
+                name: str | None = None, from_config: bool = True,
                 log: Callable[[str], None] = logging.info) -> dict:
   """Tunes ``config.method`` with ``config.backbone`` (or reads its choice back).
+
+  With ``from_config`` the study's first trial is the config's own values of
+  the space (each method's defaults, themselves chosen on validation), and
+  the sampler draws the rest of the budget: a few random draws in a space of
+  many settings can all land worse than the defaults, and then the method
+  would be reported below its own untuned self.  Every method is treated
+  alike, so budgets stay equal.
 
   Args:
     config: the run config (method and backbone set); its values are the
@@ -128,6 +149,9 @@ def tune_method(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       sharing it share the trials.
     run_fn: ``train.train_and_evaluate`` unless given.
     name: the run's folder name (default ``<method>_<backbone>``).
+    from_config: queue the config's own point of the space as trial 0 (a
+      study that has trials already is left as it is; a config outside the
+      space is logged and every trial sampled).
     log: progress messages.
 
   Returns:
@@ -146,6 +170,18 @@ def tune_method(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   trials_dir.mkdir(parents=True, exist_ok=True)
   url = storage or study.sqlite_url(workdir / "tune.db")
   st = study.open_study(url, f"tune-{name}", study.make_sampler(sampler, seed=seed))
+
+  start = config_values(config, list(params)) if from_config and params else None
+  first = "config" if start is not None else "sampled"
+  outside = [k for k, v in (start or {}).items() if not space.contains(params[k], v)]
+  if outside:  # e.g. a smoke config's 1 epoch below a space's least 2
+    log(f"tune {name}: the config's {outside} lie outside the search space; "
+        "every trial is sampled")
+    start, first = None, f"sampled (config outside the space in {outside})"
+  if start is not None:
+    with study.lock_for(url)():  # workers sharing the study queue it once
+      if not st.get_trials(deepcopy=False):
+        st.enqueue_trial(start, user_attrs={"queued": "config"})
 
   def execute(number: int, values: dict, beat: Callable[[], None]) -> dict:
     del beat  # in-process: the trial's own thread keeps the worker alive
@@ -170,6 +206,7 @@ def tune_method(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             "params": dict(best.params), "val_objective": best.value,
             "objective": OBJECTIVE, "n_trials": len(complete), "budget": budget,
             "trial_seeds": trial_seeds, "best_trial": best.number,
+            "first_trial": first,
             "space": {k: repr(v) for k, v in params.items()},
             "study": f"tune-{name}"}
   out = workdir / name

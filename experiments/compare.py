@@ -57,6 +57,8 @@ _TUNE = flags.DEFINE_integer("tune", 0, "Optuna trials per method and split (0: 
 _TUNE_SAMPLER = flags.DEFINE_enum("tune_sampler", "tpe", ["tpe", "random"],
                                   "Sampler of the tuning trials.")
 _TRIAL_SEEDS = flags.DEFINE_integer("trial_seeds", 1, "Seeds per tuning trial.")
+_TUNE_FROM_CONFIG = flags.DEFINE_bool("tune_from_config", True, "Trial 0 of every "
+                                      "method is its config's own point of the space.")
 _STORAGE = flags.DEFINE_string("storage", None, "Optuna RDB URL of the tuning studies "
                                "(default: sqlite in each split's folder).")
 _N_BOOT = flags.DEFINE_integer("n_boot", 1000, "Bootstrap replicates per interval.")
@@ -130,7 +132,7 @@ def _main_splits(config, seeds, command, commit):
   else:
     splits = multisplit.parse_splits(_SPLITS.value) if _SPLITS.value else [{}]
   tune_kwargs = {"sampler": _TUNE_SAMPLER.value, "trial_seeds": _TRIAL_SEEDS.value,
-                 "storage": _STORAGE.value}
+                 "storage": _STORAGE.value, "from_config": _TUNE_FROM_CONFIG.value}
   summary = multisplit.run_splits(config, _WORKDIR.value, splits, _METHODS.value,
                                   _BACKBONES.value, seeds, tune_trials=_TUNE.value,
                                   tune_kwargs=tune_kwargs, n_boot=_N_BOOT.value,

@@ -28,6 +28,8 @@ _TRIALS = flags.DEFINE_integer("trials", 20, "Optuna trials per method.")
 _SAMPLER = flags.DEFINE_enum("sampler", "tpe", ["tpe", "random"], "Optuna sampler.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampler seed.")
 _TRIAL_SEEDS = flags.DEFINE_integer("trial_seeds", 1, "Seeds per tuning trial.")
+_FROM_CONFIG = flags.DEFINE_bool("from_config", True, "Trial 0 is the config's own "
+                                 "point of the space.")
 _STORAGE = flags.DEFINE_string("storage", None,
                                "Optuna RDB URL (default: sqlite in the workdir).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -44,7 +46,7 @@ def main(argv):
     config.backbone = _BACKBONE.value or config.backbone
     res = tune.tune_and_run(config, _WORKDIR.value, _TRIALS.value, sampler=_SAMPLER.value,
                             seed=_SEED.value, trial_seeds=_TRIAL_SEEDS.value,
-                            storage=_STORAGE.value)
+                            storage=_STORAGE.value, from_config=_FROM_CONFIG.value)
     logging.info("tune: %s chose %s (validation %.4f); test AUC %s", method,
                  res["chosen"]["params"], res["chosen"]["val_objective"], res["auc"])
 

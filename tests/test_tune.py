@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from emerflow_jax import data, protocol, tasks, tune
+from emerflow_jax import data, protocol, space, tasks, tune
 from experiments.configs import synthetic
 
 
@@ -101,3 +101,68 @@ def test_a_method_without_a_space_gets_one_trial(tmp_path, monkeypatch):
                             log=lambda _: None)
   assert chosen["params"] == {} and chosen["n_trials"] == 1 and len(calls) == 1
   assert calls[0][0] is False
+
+
+@pytest.mark.parametrize("from_config", [True, False])
+def test_trial_zero_is_the_configs_own_point(tmp_path, from_config):
+  config = _tiny_config("base")
+  config.warmup.lr, config.warmup.steps = 0.0123, 7
+  seen = []
+
+  def fake_run(c, workdir):
+    seen.append((float(c.warmup.lr), int(c.warmup.steps)))
+    # The config's own point scores best; a sampled one cannot match it.
+    good = seen[-1] == (0.0123, 7)
+    return {"auc": None, "f1": None,
+            "val_auc": {p: [0.7 if good else 0.6] for p in protocol.PHASES}}
+  chosen = tune.tune_method(config, tmp_path, n_trials=3, run_fn=fake_run,
+                            from_config=from_config, log=lambda _: None)
+  assert len(seen) == 3 and chosen["n_trials"] == 3  # the budget includes trial 0
+  if from_config:
+    assert seen[0] == (0.0123, 7) and chosen["best_trial"] == 0
+    assert chosen["params"] == {"warmup.lr": 0.0123, "warmup.steps": 7}
+    assert chosen["first_trial"] == "config"
+  else:
+    assert (0.0123, 7) not in seen and chosen["first_trial"] == "sampled"
+  # Tuning again reads the study back: no trial is queued or run twice.
+  again = tune.tune_method(config, tmp_path, n_trials=3, run_fn=fake_run,
+                           from_config=from_config, log=lambda _: None)
+  assert len(seen) == 3 and again["params"] == chosen["params"]
+
+
+def test_a_config_outside_its_space_samples_every_trial(tmp_path):
+  config = _tiny_config("base")
+  config.warmup.steps = 500  # the space is Int(2, 20)
+  seen, logged = [], []
+
+  def fake_run(c, workdir):
+    seen.append(int(c.warmup.steps))
+    return {"auc": None, "f1": None, "val_auc": {p: [0.6] for p in protocol.PHASES}}
+  chosen = tune.tune_method(config, tmp_path, n_trials=2, run_fn=fake_run,
+                            log=logged.append)
+  assert len(seen) == 2 and 500 not in seen
+  assert chosen["first_trial"].startswith("sampled (config outside the space")
+  assert any("warmup.steps" in line and "outside" in line for line in logged)
+
+
+def test_space_contains():
+  assert space.contains(space.Int(2, 20, step=2), 8)
+  assert not space.contains(space.Int(2, 20, step=2), 7)
+  assert not space.contains(space.Int(2, 20), 2.5)
+  assert space.contains(space.Float(0.5, 1.0), 1.0)
+  assert not space.contains(space.Float(1e-3, 1e-1, log=True), 0.5)
+  assert space.contains(space.Categorical(("a", "b")), "b")
+  assert not space.contains(space.Categorical(("a", "b")), "c")
+  assert not space.contains(space.Float(0.0, 1.0), True)
+
+
+def test_a_one_trial_budget_runs_the_configs_point(tmp_path):
+  config = _tiny_config("base")
+  seen = []
+
+  def fake_run(c, workdir):
+    seen.append(float(c.warmup.lr))
+    return {"auc": None, "f1": None, "val_auc": {p: [0.6] for p in protocol.PHASES}}
+  chosen = tune.tune_method(config, tmp_path, n_trials=1, run_fn=fake_run,
+                            log=lambda _: None)
+  assert seen == [config.warmup.lr] and chosen["best_trial"] == 0
