@@ -368,6 +368,20 @@ def markdown(summary: dict) -> str:
   return "\n".join(out) + "\n"
 
 
+def lookup(config, key: str) -> Any:
+  """The value at dotted ``key`` of a config (a ConfigDict or nested mapping).
+
+  Raises:
+    KeyError: naming the key and its first missing part.
+  """
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      raise KeyError(f"{key!r} is not a config field ({part!r} missing)")
+    node = node[part]
+  return node
+
+
 def check_keys(config, points: Sequence[Point]) -> None:
   """Raises ValueError naming the first override key the config lacks.
 
@@ -377,8 +391,7 @@ def check_keys(config, points: Sequence[Point]) -> None:
   """
   for point in points:
     for key in point:
-      node = config
-      for part in key.split("."):
-        if part not in node:
-          raise ValueError(f"sweep key {key!r} is not a config field ({part!r} missing)")
-        node = node[part]
+      try:
+        lookup(config, key)
+      except KeyError as e:
+        raise ValueError(f"sweep key {e.args[0]}") from None

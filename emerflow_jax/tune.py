@@ -78,15 +78,7 @@ def apply(config: ml_collections.ConfigDict, params: Mapping[str, Any]
 
 def config_values(config: ml_collections.ConfigDict, keys: Sequence[str]) -> dict[str, Any]:
   """The config's own values of dotted ``keys`` (KeyError naming a missing one)."""
-  out = {}
-  for key in keys:
-    node = config
-    for part in key.split("."):
-      if part not in node:
-        raise KeyError(f"search-space key {key!r} is not a config field")
-      node = node[part]
-    out[key] = node
-  return out
+  return {key: sweep.lookup(config, key) for key in keys}
 
 
 def trial_config(config: ml_collections.ConfigDict, params: Mapping[str, Any],
