@@ -189,8 +189,8 @@ def run_seed(config: ml_collections.ConfigDict, ds, split: protocol.Split,
   """
   t0 = time.time()
   k_method = jax.random.split(jax.random.key(seed))[1]
-  split_s, holdout = protocol.carve_validation(split, ds, config.data.val_fraction, seed,
-                                                   pick=str(config.data.val_pick))
+  split_s, holdout = protocol.carve_validation(
+      split, ds, config.data.val_fraction, seed, pick=str(config.data.val_pick))
   if not config.eval.test:
     # Tuning: nothing downstream can index an emerging item's rows.
     split_s = protocol.without_emerging(split_s)
