@@ -71,6 +71,9 @@ def _check_meta_options(config: ml_collections.ConfigDict) -> None:
   if m.rule_holdout > 0 and m.train_init:
     raise ValueError("meta.rule_holdout > 0 learns the rule on an auxiliary backbone "
                      "and transfers only the step sizes; it needs meta.train_init=False")
+  if m.rule_epochs and not m.rule_holdout > 0:
+    raise ValueError("meta.rule_epochs sets the auxiliary backbone's pretraining, which "
+                     "exists only with meta.rule_holdout > 0")
   if m.crossfit_folds > 1 and (m.rule_holdout > 0 or m.holdout_fraction > 0):
     raise ValueError("meta.crossfit_folds > 1 starts meta-tasks from out-of-fold mapper "
                      "outputs of in-sample items; with meta.rule_holdout or "
@@ -120,7 +123,8 @@ class EmerFlow(methods.Method):
         specs = [methods.BackboneSpec(leave_out=float(m.holdout_fraction), carve_salt=7919)]
       if m.rule_holdout > 0:
         specs.append(methods.BackboneSpec(role="rule", leave_out=float(m.rule_holdout),
-                                          pick=str(m.rule_pick), carve_salt=104729))
+                                          pick=str(m.rule_pick), carve_salt=104729,
+                                          epochs=int(m.rule_epochs)))
     source = self.vector_source or str(config.enrich.source)
     return methods.Plan(backbones=tuple(specs),
                         vectors=source if self.use_align else None,

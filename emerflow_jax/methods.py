@@ -54,12 +54,15 @@ class BackboneSpec:
     carve_salt: added to the seed of that draw, so two roles draw
       independently; the values in use are kept so cached backbones stay valid.
     item_dropout: DropoutNet's per-batch item-embedding replacement rate.
+    epochs: pretraining epochs; 0 means ``optim.epochs`` (only an auxiliary
+      backbone may differ: "main" is the one every method is scored with).
   """
   role: str = "main"
   leave_out: float = 0.0
   pick: str = "random"
   carve_salt: int = 0
   item_dropout: float = 0.0
+  epochs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,14 @@ def backbone_key(config: ml_collections.ConfigDict, seed: int,
   Returns:
     A hex key.
   """
-  return cache.key(config, BACKBONE_SECTIONS, seed=seed, spec=vars(spec), parent=parent)
+  fields = {k: v for k, v in vars(spec).items() if _SPEC_ADDED.get(k, _NO) != v}
+  return cache.key(config, BACKBONE_SECTIONS, seed=seed, spec=fields, parent=parent)
+
+
+# BackboneSpec fields added after backbones were cached, each with its default:
+# at that default a field stays out of the key, so those backbones stay valid.
+_SPEC_ADDED = {"epochs": 0}
+_NO = object()
 
 
 def backbone_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path,
@@ -87,6 +94,10 @@ def execute_plan(config: ml_collections.ConfigDict, ds, split: protocol.Split,
     base = split if parent is None else parent.split
     own, held = protocol.carve_validation(base, ds, spec.leave_out,
                                           seed + spec.carve_salt, spec.pick)
+    if spec.epochs and spec.role == "main":
+      raise ValueError("the main backbone trains for optim.epochs (BackboneSpec.epochs "
+                       "is for auxiliary backbones)")
+    epochs = int(spec.epochs or config.optim.epochs)
     key = backbone_key(config, seed, spec, None if parent is None else parent.key)
     ckpt_dir = backbone_dir(config, workdir, key, seed)
     with cache.locked(ckpt_dir):
@@ -95,12 +106,12 @@ def execute_plan(config: ml_collections.ConfigDict, ds, split: protocol.Split,
       t = time.time()
       params = pretrain.pretrain_backbone(
           model, tables, tasks.pack_flat(ds, own.base_rows), k_pre,
-          epochs=config.optim.epochs, batch_size=config.optim.batch_size,
+          epochs=epochs, batch_size=config.optim.batch_size,
           lr=config.optim.lr, ckpt_dir=ckpt_dir, item_dropout=spec.item_dropout,
           weight_decay=config.optim.weight_decay,
           writer=curves.prefixed(writer, f"pretrain/{spec.role}"))
       seconds = pretrain_cost(ckpt_dir, time.time() - t,
-                              trained=done < config.optim.epochs)
+                              trained=done < epochs)
     held_items = np.zeros(0, np.int64) if held is None else held.items
     out[spec.role] = methods.Pretrained(params=params, split=own, held=held_items,
                                         key=key, seconds=seconds)

@@ -115,6 +115,7 @@ def test_rule_learned_on_an_auxiliary_backbone_carries_only_the_step_sizes(tmp_p
     ({"meta.rule_holdout": 0.0, "meta.holdout_fraction": 0.2,
       "meta.crossfit_folds": 2}, "crossfit_folds=1"),
     ({"meta.cold_in_outer": True}, "learn_shrink"),
+    ({"meta.rule_holdout": 0.0, "meta.rule_epochs": 3}, "rule_holdout > 0"),
     ({"meta.tasks": "chunks"}, "phase_alpha"),
 ])
 def test_options_that_would_have_no_effect_are_errors(tmp_path, overrides, match):

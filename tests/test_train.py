@@ -6,14 +6,16 @@
 
 import dataclasses
 import json
+import pathlib
 import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
-from emerflow_jax import curves, data, metrics, train
-from emerflow_jax.data import dataset
+from emerflow_jax import cache, curves, data, methods, metrics, pretrain, protocol, train
+from emerflow_jax.data import dataset, synthetic
+from emerflow_jax.models import backbones
 from experiments.configs import synthetic as synthetic_config
 
 FLAGS = ("--config=experiments/configs/synthetic.py:smoke", "--config.method=base")
@@ -170,3 +172,37 @@ def test_pretrain_cost_adds_resumed_parts_and_keeps_it_on_read_back(tmp_path):
   assert train.pretrain_cost(ckpt, 0.2, trained=False) == 3.0  # read back: unchanged
   assert train.pretrain_cost(ckpt, 2.0, trained=True) == 5.0   # a resumed part adds
   assert train.pretrain_cost(tmp_path / "other", 0.5, trained=False) == 0.5
+
+
+def test_an_auxiliary_backbone_trains_its_own_epochs_and_main_keeps_its_key(tmp_path,
+                                                                             monkeypatch):
+  """BackboneSpec.epochs (meta.rule_epochs): the aux backbone trains that many epochs;
+  at its default the field stays out of the key, so cached backbones stay valid."""
+  config = synthetic_config.get_config("smoke")
+  config.optim.epochs = 2
+  ds = synthetic.make_synthetic(n_users=60, n_items=60, mean_count=30, seed=3)
+  split = protocol.split_emerging_items(ds, n_max=25, k=3)
+  model = backbones.make_backbone("deepfm", ds, dim=8, mlp=(8,))
+  tables = backbones.make_tables(ds)
+  epochs = {}
+  real = pretrain.pretrain_backbone
+
+  def spy(*args, ckpt_dir, **kwargs):
+    epochs[pathlib.Path(ckpt_dir).name] = kwargs["epochs"]
+    return real(*args, ckpt_dir=ckpt_dir, **kwargs)
+
+  monkeypatch.setattr(pretrain, "pretrain_backbone", spy)
+  aux = methods.BackboneSpec(role="rule", leave_out=0.3, carve_salt=5, epochs=1)
+  plan = methods.Plan(backbones=(methods.BackboneSpec(), aux))
+  out = train.execute_plan(config, ds, split, plan, 0, tmp_path, model, tables)
+  assert sorted(epochs.values()) == [1, 2]
+  assert epochs[train.backbone_dir(config, tmp_path, out["rule"].key, 0).name] == 1
+  old_fields = {k: v for k, v in dataclasses.asdict(methods.BackboneSpec()).items()
+                if k != "epochs"}
+  assert out["main"].key == cache.key(config, train.BACKBONE_SECTIONS, seed=0,
+                                      spec=old_fields, parent=None)
+  longer = dataclasses.replace(aux, epochs=2)
+  assert train.backbone_key(config, 0, longer, "p") != train.backbone_key(config, 0, aux, "p")
+  with pytest.raises(ValueError, match="auxiliary"):
+    train.execute_plan(config, ds, split, methods.Plan(
+        backbones=(methods.BackboneSpec(epochs=1),)), 0, tmp_path, model, tables)

@@ -85,6 +85,7 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.meta.holdout_fraction = 0.0   # old items kept out of pretraining, used only as meta-tasks
   c.meta.rule_holdout = 0.3       # old items kept out of an auxiliary backbone; the rule is learned on them (0 = off)
   c.meta.rule_pick = "fewest_rows"  # which: fewest_rows (most like emerging items) | random
+  c.meta.rule_epochs = 0          # pretraining epochs of that auxiliary backbone (0 -> optim.epochs)
   c.meta.first_order = False      # first-order (stop-gradient through inner grads)
   c.meta.outer_loss = "auc"       # query term: auc (pooled pairwise, as the protocol's pooled AUC) | bce
   c.meta.auc_pairs = 16           # auc: m > 0 sampled partners per row (unbiased, ~linear; ML-100K val AUC = every pair's, 3 seeds) | 0 = every pair (quadratic)
