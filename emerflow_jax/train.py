@@ -49,14 +49,19 @@ def backbone_key(config: ml_collections.ConfigDict, seed: int,
   Returns:
     A hex key.
   """
-  fields = {k: v for k, v in vars(spec).items() if _SPEC_ADDED.get(k, _NO) != v}
-  return cache.key(config, BACKBONE_SECTIONS, seed=seed, spec=fields, parent=parent)
+  return cache.key(config, BACKBONE_SECTIONS, seed=seed, spec=spec_fields(spec),
+                   parent=parent)
 
 
-# BackboneSpec fields added after backbones were cached, each with its default:
-# at that default a field stays out of the key, so those backbones stay valid.
+# BackboneSpec fields added after artifacts were cached, each with its default:
+# at that default a field stays out of every key, so those artifacts stay valid.
 _SPEC_ADDED = {"epochs": 0}
 _NO = object()
+
+
+def spec_fields(spec: methods.BackboneSpec) -> dict[str, Any]:
+  """What a cache key records of a backbone spec (``_SPEC_ADDED`` at default left out)."""
+  return {k: v for k, v in vars(spec).items() if _SPEC_ADDED.get(k, _NO) != v}
 
 
 def backbone_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path,
@@ -252,10 +257,22 @@ def _fmt(d: dict[str, float]) -> str:
   return " ".join(f"{k}={v:.4f}" for k, v in d.items())
 
 
-def result_key(config: ml_collections.ConfigDict, plan: methods.Plan, seed: int) -> str:
-  """The key of one seed's result: every section the run reads, and the seed."""
+def result_key(config: ml_collections.ConfigDict, plan: methods.Plan, seed: int,
+               **extra: Any) -> str:
+  """The key of one seed's result: every section the run reads, and the seed.
+
+  Args:
+    config: the run config.
+    plan: the method's plan (its sections, vectors and backbones).
+    seed: the seed.
+    **extra: anything else the keyed artifact depends on.
+
+  Returns:
+    A hex key.
+  """
   return cache.key(config, methods.SHARED_SECTIONS + plan.sections, seed=seed,
-                   vectors=plan.vectors, backbones=[vars(b) for b in plan.backbones])
+                   vectors=plan.vectors, backbones=[spec_fields(b) for b in plan.backbones],
+                   **extra)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -155,13 +155,18 @@ def tune_method(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   run_fn = run_fn or train.train_and_evaluate
   workdir = pathlib.Path(workdir).absolute()
   name = name or run_name(config.method, config.backbone)
-  params = dict(methods.get_method(config.method).plan(config).search_space)
+  plan = methods.get_method(config.method).plan(config)
+  params = dict(plan.search_space)
   # A method with nothing to tune needs one trial: more would repeat it.
   budget = int(n_trials) if params else 1
   trials_dir = workdir / "tuning" / name
   trials_dir.mkdir(parents=True, exist_ok=True)
   url = storage or study.sqlite_url(workdir / "tune.db")
-  st = study.open_study(url, f"tune-{name}", study.make_sampler(sampler, seed=seed))
+  # Keyed by every section a trial reads: a changed config opens a new study
+  # instead of ranking trials that were scored under the old one.
+  key = train.result_key(config, plan, int(config.seed), trial_seeds=trial_seeds)
+  st_name = f"tune-{name}-{key}"
+  st = study.open_study(url, st_name, study.make_sampler(sampler, seed=seed))
 
   start = config_values(config, list(params)) if from_config and params else None
   first = "config" if start is not None else "sampled"
@@ -192,7 +197,7 @@ def tune_method(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
               if t.state == study.State.COMPLETE]
   if not complete:
     raise RuntimeError(f"tuning {name}: no trial finished; see the FAIL trials' "
-                       f"errors in {url} (study tune-{name})")
+                       f"errors in {url} (study {st_name})")
   best = max(complete, key=lambda t: (t.value, -t.number))
   chosen = {"method": config.method, "backbone": config.backbone,
             "params": dict(best.params), "val_objective": best.value,
@@ -200,7 +205,7 @@ def tune_method(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             "trial_seeds": trial_seeds, "best_trial": best.number,
             "first_trial": first,
             "space": {k: repr(v) for k, v in params.items()},
-            "study": f"tune-{name}"}
+            "study": st_name}
   out = workdir / name
   out.mkdir(parents=True, exist_ok=True)
   results.write_json_atomic(out / "chosen.json", chosen)

@@ -201,6 +201,9 @@ def test_an_auxiliary_backbone_trains_its_own_epochs_and_main_keeps_its_key(tmp_
                 if k != "epochs"}
   assert out["main"].key == cache.key(config, train.BACKBONE_SECTIONS, seed=0,
                                       spec=old_fields, parent=None)
+  assert train.result_key(config, methods.Plan(backbones=(methods.BackboneSpec(),)), 0) == (
+      cache.key(config, methods.SHARED_SECTIONS, seed=0, vectors=None,
+                backbones=[old_fields]))
   longer = dataclasses.replace(aux, epochs=2)
   assert train.backbone_key(config, 0, longer, "p") != train.backbone_key(config, 0, aux, "p")
   with pytest.raises(ValueError, match="auxiliary"):

@@ -166,3 +166,28 @@ def test_a_one_trial_budget_runs_the_configs_point(tmp_path):
   chosen = tune.tune_method(config, tmp_path, n_trials=1, run_fn=fake_run,
                             log=lambda _: None)
   assert seen == [config.warmup.lr] and chosen["best_trial"] == 0
+
+
+def test_a_changed_config_never_ranks_trials_scored_under_the_old_one(tmp_path):
+  """A setting outside the space changes every trial: the study starts afresh."""
+  config = _tiny_config("base")
+  seen = []
+
+  def fake_run(c, workdir):
+    seen.append(int(c.optim.epochs))
+    score = 0.7 if c.optim.epochs == 1 else 0.6
+    return {"auc": None, "f1": None, "val_auc": {p: [score] for p in protocol.PHASES}}
+  first = tune.tune_method(config, tmp_path, n_trials=2, run_fn=fake_run,
+                           log=lambda _: None)
+  config.optim.epochs = 2  # not in base's space
+  second = tune.tune_method(config, tmp_path, n_trials=2, run_fn=fake_run,
+                            log=lambda _: None)
+  assert seen == [1, 1, 2, 2]  # both trials rerun under the new config
+  assert first["study"] != second["study"]
+  assert first["val_objective"] == pytest.approx(0.7)
+  assert second["val_objective"] == pytest.approx(0.6)
+  # The unchanged config reads its own study back.
+  config.optim.epochs = 1
+  again = tune.tune_method(config, tmp_path, n_trials=2, run_fn=fake_run,
+                           log=lambda _: None)
+  assert len(seen) == 4 and again["study"] == first["study"]
