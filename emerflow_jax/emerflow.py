@@ -345,6 +345,19 @@ class EmerFlow(methods.Method):
                                jnp.asarray(items))
 
   def refine(self, ctx, state, emb, batch, items, phase):
+    g = ctx.config.regen
+    if int(g.pool_steps) > 0:
+      prior = jnp.zeros((len(items), 0), emb.dtype)
+      if g.pool_prior:
+        prior = self.cold(ctx, state, items) - state["frozen"]["center"]
+      lambdas = posterior.POOL_LAMBDAS if not g.pool_lam else (float(g.pool_lam),)
+      emb, lam = posterior.pooled_correction(
+          ctx.model, ctx.params, ctx.tables, emb, prior,
+          {k: jnp.asarray(v) for k, v in batch.items()},
+          jax.random.fold_in(ctx.key, 1000 + phase), steps=int(g.pool_steps),
+          lr=float(g.pool_lr), lambdas=jnp.asarray(lambdas, jnp.float32),
+          folds=int(g.pool_folds))
+      logging.info("regen: pooled correction, phase %d, penalty %s", phase, float(lam))
     if not self.use_meta or ctx.config.warmup.rule == "finetune":
       emb, state = super().refine(ctx, state, emb, batch, items, phase)
     else:

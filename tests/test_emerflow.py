@@ -172,3 +172,25 @@ def test_regeneration_blends_the_adapted_embedding_with_content(tmp_path):
   same, _ = method.refine(ctx, state, emb, batch, s.emerging_items, 0)  # keep_a = 1
   np.testing.assert_allclose(same, method.refine(ctx, plain, emb, batch,
                                                  s.emerging_items, 0)[0], rtol=1e-6)
+
+
+def test_pooled_correction_comes_before_the_rule_with_the_cold_prior(tmp_path):
+  """regen.pool_steps > 0: refine = rule(pooled_correction(e; prior = e0 - center))."""
+  from emerflow_jax import posterior  # pylint: disable=g-import-not-at-top
+  method, ctx = _context(tmp_path / "on", "emerflow", **{"regen.pool_steps": 15,
+                                                         "regen.pool_lam": 1e-3})
+  state = method.fit(ctx)
+  s = ctx.split
+  emb = method.cold(ctx, state, s.emerging_items) + 3.0  # a population off by a shift
+  batch = tasks.pack_phase(ctx.ds, s.warm_rows["warm_a"])
+  got, _ = method.refine(ctx, state, emb, batch, s.emerging_items, 0)
+  prior = method.cold(ctx, state, s.emerging_items) - state["frozen"]["center"]
+  corrected, _ = posterior.pooled_correction(
+      ctx.model, ctx.params, ctx.tables, emb, prior,
+      {k: jax.numpy.asarray(v) for k, v in batch.items()},
+      jax.random.fold_in(ctx.key, 1000), steps=15, lr=float(ctx.config.regen.pool_lr),
+      lambdas=jax.numpy.asarray([1e-3]), folds=int(ctx.config.regen.pool_folds))
+  assert not np.allclose(corrected, emb)  # the shift was worth correcting here
+  ctx.config.regen.pool_steps = 0
+  want, _ = method.refine(ctx, state, corrected, batch, s.emerging_items, 0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

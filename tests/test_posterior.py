@@ -69,3 +69,98 @@ def test_choose_lambda_prefers_strong_penalties_for_pure_noise():
   assert posterior.choose_lambda(r, e) >= 1e3
   r2, e2 = _data(n=200, dim_in=5)  # informative: a light penalty
   assert posterior.choose_lambda(r2, e2) <= 10.0
+
+
+def _pool_world(n_items=120, k=8, shift=0.0, seed=0, label_seed=None):
+  """A frozen backbone, rows whose labels it draws from the true embeddings,
+  and the true embeddings moved by one shared ``shift`` (what a population of
+  new items might need)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from emerflow_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from emerflow_jax.models import backbones, scoring  # pylint: disable=g-import-not-at-top
+  ds = synthetic.make_synthetic(n_users=60, n_items=n_items, mean_count=20, seed=seed)
+  model = backbones.make_backbone("deepfm", ds, dim=8, mlp=(8,))
+  tables = backbones.make_tables(ds)
+  params = backbones.init_params(model, tables, jax.random.key(seed))
+  rng = np.random.default_rng(seed)
+  true = jnp.asarray(2.0 * rng.normal(size=(n_items, 8)), jnp.float32)
+  if label_seed is not None:  # the same world, other rows
+    rng = np.random.default_rng(label_seed)
+  users = jnp.asarray(rng.integers(0, ds.n_users, size=(n_items, k)), jnp.int32)
+  items = jnp.repeat(jnp.arange(n_items, dtype=jnp.int32)[:, None], k, 1)
+  raw = {"users": users, "items": items}
+  logits = jax.vmap(scoring.item_logits, in_axes=(None, None, None, 0, 0))(
+      model, params, tables, true, raw)
+  labels = (rng.random(size=(n_items, k)) < np.asarray(jax.nn.sigmoid(logits))).astype(
+      np.float32)
+  batch = dict(raw, labels=jnp.asarray(labels), mask=jnp.ones((n_items, k), jnp.float32))
+  emb = true - shift * jnp.ones((8,), jnp.float32)
+  return model, params, tables, true, emb, batch
+
+
+def _bce(model, params, tables, emb, batch):
+  """Mean BCE of the rows of ``batch`` (all valid) under item embeddings ``emb``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from emerflow_jax.models import scoring  # pylint: disable=g-import-not-at-top
+  return float(jnp.mean(jax.vmap(scoring.item_loss, in_axes=(None, None, None, 0, 0))(
+      model, params, tables, emb, batch)))
+
+
+def _pool(model, params, tables, emb, batch, prior=None, lambdas=posterior.POOL_LAMBDAS,
+          seed=0):
+  import jax  # pylint: disable=g-import-not-at-top
+  prior = jnp.zeros((emb.shape[0], 0)) if prior is None else prior
+  return posterior.pooled_correction(model, params, tables, emb, prior, batch,
+                                     jax.random.key(seed), steps=50, lr=0.05,
+                                     lambdas=jnp.asarray(lambdas, jnp.float32), folds=5)
+
+
+def test_pooled_correction_recovers_a_shared_shift_and_leaves_none_alone():
+  model, params, tables, true, emb, batch = _pool_world(shift=1.5)
+  out, lam = _pool(model, params, tables, emb, batch)
+  assert np.isfinite(float(lam))  # CV over items found the shift worth fitting
+  # Fresh rows of the same items (the same world, other draws) score better:
+  # the correction closes a good part of the gap to the true embeddings.
+  *_, fresh = _pool_world(shift=1.5, k=16, label_seed=7)
+  before, after, best = (_bce(model, params, tables, e, fresh) for e in (emb, out, true))
+  assert after < before and (after - best) < 0.6 * (before - best)
+  # Every item moves by the same vector (no prior: a shift only).
+  moved = np.asarray(out - emb)
+  np.testing.assert_allclose(moved, np.broadcast_to(moved[0], moved.shape), atol=1e-5)
+  # Without a shift the population has nothing in common to correct.
+  model, params, tables, true, emb, batch = _pool_world(shift=0.0)
+  out, lam = _pool(model, params, tables, emb, batch)
+  assert float(lam) == np.inf
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(emb))
+
+
+def test_pooled_correction_ignores_padded_rows():
+  model, params, tables, _, emb, batch = _pool_world(shift=1.0)
+  want, _ = _pool(model, params, tables, emb, batch)
+  padded = {k: jnp.concatenate([v, v[:, :3]], 1) for k, v in batch.items()}
+  padded["labels"] = padded["labels"].at[:, -3:].set(1.0 - batch["labels"][:, :3])
+  padded["mask"] = padded["mask"].at[:, -3:].set(0.0)
+  got, _ = _pool(model, params, tables, emb, padded)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_a_fold_fit_by_weights_equals_the_fit_on_that_fold_s_items_alone():
+  """The CV fits every fold at once through item weights; each equals a plain fit."""
+  from emerflow_jax.models import scoring  # pylint: disable=g-import-not-at-top
+  model, params, tables, true, emb, batch = _pool_world(n_items=40, shift=1.0)
+  prior = true[:, :3] - true[:, :3].mean(0)
+  keep = np.arange(40) % 4 != 1
+  rows = scoring.prepare(model, params, tables, batch)
+  sub = {k: v[keep] for k, v in batch.items()}
+  got = posterior._fit_correction(model, params, tables, emb, prior, rows,
+                                  jnp.asarray(keep, jnp.float32), 30, 0.05, 1e-3)
+  want = posterior._fit_correction(model, params, tables, emb[keep], prior[keep],
+                                   scoring.prepare(model, params, tables, sub),
+                                   jnp.ones(int(keep.sum())), 30, 0.05, 1e-3)
+  for a, b in zip(jax_leaves(got), jax_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]

@@ -103,6 +103,11 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.regen.keep_b = 1.0            # ... after warm_b
   c.regen.keep_c = 1.0            # ... after warm_c
   c.regen.lam = 0.0               # ridge penalty (0 -> chosen by leave-one-out error on old items)
+  c.regen.pool_steps = 20         # before each phase's own steps: Adam steps of one correction shared by all new items, fit on their pooled rows (0 = off; on validation items CV over items rejects it, so validation AUC is unchanged)
+  c.regen.pool_lr = 1e-2          # its Adam learning rate
+  c.regen.pool_lam = 0.0          # its ridge penalty on the shift and the prior's re-weighing (0 -> CV over items; no correction unless it wins)
+  c.regen.pool_folds = 5          # folds over items of that CV
+  c.regen.pool_prior = True       # the correction also re-weighs the aligned cold embedding (False: a shift only)
 
   c.warmup = ml_collections.ConfigDict()
   c.warmup.steps = 10             # shared fine-tuning: Adam steps per phase
