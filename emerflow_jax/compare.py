@@ -90,19 +90,12 @@ def grid_config(config: ml_collections.ConfigDict, method: str, backbone: str,
 # Config sections read by one method family only (section -> method-name
 # prefix): a change there cannot change another method's run, so it does not
 # invalidate that run.  warmup is shared: every method ends in its fine-tuning.
-_OWN_SECTIONS = {"dropoutnet": "dropoutnet", "metaemb": "metaemb", "mwuf": "mwuf",
-                 "cvar": "cvar", "enrich": "emerflow", "align": "emerflow",
-                 "meta": "emerflow"}
-
-
-def _comparable(config_dict: dict) -> dict:
+def _comparable(config_dict: dict, sections: Sequence[str]) -> dict:
+  """The ``sections`` of a config dict, without path fields."""
   d = json.loads(json.dumps(config_dict, default=str))
   for section, key in PATH_FIELDS:
     d.get(section, {}).pop(key, None)
-  for section, owner in _OWN_SECTIONS.items():
-    if not str(d.get("method", "")).startswith(owner):
-      d.pop(section, None)
-  return d
+  return {k: v for k, v in d.items() if k in sections}
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -119,8 +112,9 @@ def finished_run(path: pathlib.Path, config: ml_collections.ConfigDict
                  ) -> dict | None:
   """The stored results.json when it holds this config's seeds, else None.
 
-  Path fields and the sections of other method families are ignored when the
-  configs are compared, and so is ``seeds``.
+  Only the sections the method's results are keyed by are compared (its plan's
+  and the shared ones, as in ``train.result_key``), without path fields and
+  ``seeds``: another method's or another stage's settings do not matter.
 
   Args:
     path: the run's folder (``run_dir``).
@@ -137,7 +131,9 @@ def finished_run(path: pathlib.Path, config: ml_collections.ConfigDict
   if not done.exists():
     return None
   res = json.loads(done.read_text())
-  diff = _diff(_comparable(res["config"]), _comparable(config.to_dict()))
+  plan = methods_lib.get_method(str(config.method)).plan(config)
+  sections = methods_lib.SHARED_SECTIONS + tuple(plan.sections)
+  diff = _diff(_comparable(res["config"], sections), _comparable(config.to_dict(), sections))
   diff = [k for k in diff if k != "seeds"]
   if diff:
     raise ValueError(f"{done} was produced with a different config "

@@ -61,6 +61,8 @@ def test_grid_runs_skips_finished_and_records_failures(tmp_path, repo_root):
   config.meta.inner_steps = 7
   config.align.lam = 0.5
   config.cvar.keep = 0.3
+  config.regen.pool_steps = 3   # sections no hand-kept table listed: the plan says
+  config.gme.epochs = 2
   again = compare.run_grid(config, tmp_path, ["base"], ["fm"], seeds=1,
                            run_fn=must_not_rerun)
   assert again["read_back"] == ["base_fm"]
