@@ -348,10 +348,33 @@ class EmerFlow(methods.Method):
     return jnp.asarray(table)
 
   def cold(self, ctx: methods.Context, state: Any, items: np.ndarray) -> jnp.ndarray:
+    """Cold embeddings: the aligned prior (``meta.cold_embedding``).
+
+    Args:
+      ctx: the run's context.
+      state: what ``fit`` returned.
+      items: [n] item ids.
+
+    Returns:
+      [n, d] embeddings.
+    """
     return meta.cold_embedding(state["params"], state["mapper"], state["frozen"],
                                jnp.asarray(items))
 
   def refine(self, ctx, state, emb, batch, items, phase):
+    """The pooled correction, the learned rule, then any regeneration.
+
+    Args:
+      ctx: the run's context.
+      state: what ``fit`` returned.
+      emb: [n, d] current embeddings of ``items``.
+      batch: the phase's rows, each [n, K].
+      items: [n] item ids.
+      phase: 0, 1, 2 for warm_a, warm_b, warm_c.
+
+    Returns:
+      (new embeddings [n, d], the unchanged state).
+    """
     g = ctx.config.regen
     if int(g.pool_steps) > 0:
       prior = jnp.zeros((len(items), 0), emb.dtype)

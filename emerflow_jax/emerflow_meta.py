@@ -38,7 +38,16 @@ def meta_config(cfg: ml_collections.ConfigDict) -> meta.MetaConfig:
 
 def build_tasks(ctx: methods.Context, split: protocol.Split,
                 rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """One epoch of meta-training tasks (``config.meta.tasks``: flow|chunks)."""
+  """One epoch of meta-training tasks (``config.meta.tasks``: flow|chunks).
+
+  Args:
+    ctx: the run's context (dataset, config).
+    split: whose old items give the tasks.
+    rng: the epoch's generator (query subsets, task order).
+
+  Returns:
+    Task arrays, [n_tasks, ...] each.
+  """
   cfg = ctx.config.meta
   if cfg.tasks == "flow":
     return tasks.build_flow_tasks(ctx.ds, split, int(ctx.config.data.k),
@@ -87,6 +96,19 @@ def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
   Nothing inside an epoch waits for the device: its metrics stay there until
   a checkpoint (every ``meta.ckpt_every_s`` seconds of training, and after
   the last epoch), where every pending epoch is logged in one transfer.
+
+  Args:
+    ctx: the run's context (backbone, config, key).
+    mapper: g_phi, or None (no-align ablation).
+    params: the initial meta parameters.
+    frozen: backbone params and tables, text vectors and the like.
+    ckpt_dir: the stage's checkpoint folder (resumed from).
+    task_items: old items held out of the backbone, the only tasks; None:
+      every old item of ``ctx.split``.
+    mesh: the device mesh (default: every device).
+
+  Returns:
+    The meta-trained parameters.
   """
   cfg = ctx.config
   mcfg = meta_config(cfg)

@@ -90,6 +90,15 @@ def init_alpha(alpha: float, mode: str, dim: int, phases: int = 0) -> jnp.ndarra
   scale-free updates move it by a relative amount whatever its magnitude
   (gradients w.r.t. item embeddings differ by orders of magnitude between
   backbones and datasets).
+
+  Args:
+    alpha: the initial step size (> 0).
+    mode: "scalar" or "per_dim".
+    dim: the embedding dimension d (per_dim).
+    phases: P, one step size per warm phase (0: one shared).
+
+  Returns:
+    log alpha of shape [], [d], [P] or [P, d].
   """
   if alpha <= 0:
     raise ValueError(f"alpha must be positive, got {alpha}")
@@ -102,14 +111,34 @@ def init_alpha(alpha: float, mode: str, dim: int, phases: int = 0) -> jnp.ndarra
 
 
 def step_size(meta_params: dict[str, Any], phase: Any = None) -> jnp.ndarray:
-  """alpha = exp(log_alpha): [] or [d]; ``phase`` picks a row of a per-phase alpha."""
+  """alpha = exp(log_alpha): [] or [d]; ``phase`` picks a row of a per-phase alpha.
+
+  Args:
+    meta_params: holds ``log_alpha``.
+    phase: None, or the warm phase index (traced or static).
+
+  Returns:
+    The step size(s), of log_alpha's shape (less its phase axis if picked).
+  """
   alpha = jnp.exp(meta_params["log_alpha"])
   return alpha if phase is None else alpha[phase]
 
 
 def phase_step_sizes(meta_params: dict[str, Any], cfg: "MetaConfig",
                      n_phases: int) -> jnp.ndarray:
-  """[P, ...] step size of each phase (a shared alpha repeated P times)."""
+  """[P, ...] step size of each phase (a shared alpha repeated P times).
+
+  Args:
+    meta_params: holds ``log_alpha``.
+    cfg: the meta config (``phase_alpha``).
+    n_phases: P, the tasks' number of support phases.
+
+  Returns:
+    [P] or [P, d] step sizes.
+
+  Raises:
+    ValueError: a per-phase alpha with another number of phases.
+  """
   alpha = step_size(meta_params)
   if cfg.phase_alpha:
     if alpha.shape[0] != n_phases:
@@ -178,6 +207,15 @@ def cold_embedding(meta_params: dict[str, Any], mapper: align.Mapper | None,
   mapper outputs instead.  With a learned ``meta_params["shrink"]`` s the
   mapper output g is pulled toward the old items' mean embedding
   ``frozen["center"]``: e_0 = center + s * (g - center).
+
+  Args:
+    meta_params: "phi" (mapper variables) or "e0", and optionally "shrink".
+    mapper: the mapper g_phi, or None (no-align ablation).
+    frozen: "r" [n_items, D] text vectors, optional "side", "e0_table", "center".
+    items: item indices of shape S.
+
+  Returns:
+    S + [d] cold embeddings.
   """
   if mapper is None:
     return jnp.broadcast_to(meta_params["e0"], items.shape + meta_params["e0"].shape)
@@ -213,6 +251,14 @@ def task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
   """Outer loss of ONE task (unbatched arrays: support [Rs], query [Rq]).
 
   A flow task (support rows [P, K]) goes to ``flow_task_loss``.
+
+  Args:
+    meta_params: the learned parameters (phi or e0, log_alpha, ...).
+    model: the frozen backbone module.
+    mapper: g_phi, or None.
+    cfg: the meta config.
+    frozen: backbone params and tables, text vectors and the like.
+    task: one task's "item", "support/*" and "query/*" arrays.
 
   Returns:
     (beta * L(support; e_0) + (1 - beta) * L(query; e_T), metrics).
@@ -261,6 +307,14 @@ def flow_task_loss(meta_params: dict[str, Any], model: backbones.Backbone,
   phase is scored on the same later rows, as the protocol scores every phase
   on the same test rows.
 
+  Args:
+    meta_params: the learned parameters.
+    model: the frozen backbone module.
+    mapper: g_phi, or None.
+    cfg: the meta config.
+    frozen: backbone params and tables, text vectors and the like.
+    task: one flow task: "item", "support/*" [P, K] and "query/*" [Q].
+
   Returns:
     (outer loss, metrics with the query loss cold and after the first/last
     phase, and "query_logits" [P, Q] after every phase).
@@ -306,6 +360,18 @@ def batch_loss(meta_params: dict[str, Any], model: backbones.Backbone,
   of the query rows of all real tasks pooled, after each phase p (sampled
   pairs, ``rank_loss.sampled_pairwise_auc_loss``, when ``cfg.auc_pairs`` > 0:
   then ``key`` draws them, one fold per phase).
+
+  Args:
+    meta_params: the learned parameters.
+    model: the frozen backbone module.
+    mapper: g_phi, or None.
+    cfg: the meta config.
+    frozen: backbone params and tables, text vectors and the like.
+    batch: [B, ...] task arrays and "task_mask" [B] (0 for padding tasks).
+    key: PRNG key of the sampled AUC pairs (needed when ``cfg.auc_pairs`` > 0).
+
+  Returns:
+    (outer loss, metrics averaged over the real tasks).
   """
   tasks = {k: v for k, v in batch.items() if k != "task_mask"}
   losses, aux = jax.vmap(task_loss, in_axes=(None, None, None, None, None, 0))(
@@ -345,6 +411,16 @@ def make_train_step(model: backbones.Backbone, mapper: align.Mapper | None,
   axis (B a multiple of the mesh size), state and frozen are replicated, and
   the mean over tasks becomes a cross-device reduction.  Sampled AUC pairs
   are drawn with ``fold_in(state["rng"], state["step"])``.
+
+  Args:
+    model: the frozen backbone module.
+    mapper: g_phi, or None.
+    cfg: the meta config.
+    tx: the outer optimizer.
+    mesh: the device mesh of the task axis, or None (no sharding).
+
+  Returns:
+    The jitted step.
   """
 
   def meta_train_step(state, frozen, batch):
