@@ -34,6 +34,11 @@ FORMAT_VERSION = 3
 # Fields that locate files but do not change what is computed.
 PATH_FIELDS = (("data", "dir"), ("data", "download"), ("optim", "cache_dir"),
                ("enrich", "cache_dir"))
+# Fields that set how often a stage checkpoints: a resumed run is bit-exact
+# whichever checkpoint it resumes from, so they change nothing computed either.
+CADENCE_FIELDS = (("optim", "ckpt_every_s"),)
+# Left out of every key and of every config comparison.
+UNKEYED_FIELDS = PATH_FIELDS + CADENCE_FIELDS
 
 
 def _plain(config: ml_collections.ConfigDict | dict) -> dict:
@@ -43,7 +48,7 @@ def _plain(config: ml_collections.ConfigDict | dict) -> dict:
 
 def select(config: ml_collections.ConfigDict | dict,
            sections: Sequence[str]) -> dict[str, Any]:
-  """The named top-level sections (or fields) of ``config``, without path fields.
+  """The named top-level sections (or fields) of ``config``, without ``UNKEYED_FIELDS``.
 
   Args:
     config: a run config.
@@ -54,7 +59,7 @@ def select(config: ml_collections.ConfigDict | dict,
   """
   d = _plain(config)
   out = {s: d.get(s) for s in sorted(set(sections))}
-  for section, field in PATH_FIELDS:
+  for section, field in UNKEYED_FIELDS:
     if isinstance(out.get(section), dict):
       out[section].pop(field, None)
   return out

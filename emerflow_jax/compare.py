@@ -31,11 +31,11 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from emerflow_jax import methods as methods_lib
-from emerflow_jax import results, train, tune
+from emerflow_jax import cache, results, train, tune
 
-# Config fields that locate files but do not change what a run computes.
-PATH_FIELDS = (("data", "dir"), ("data", "download"), ("optim", "cache_dir"),
-               ("enrich", "cache_dir"))
+# Config fields that do not change what a run computes (where files live, how
+# often a stage checkpoints).
+PATH_FIELDS = cache.UNKEYED_FIELDS
 
 
 def parse_method(spec: str) -> tuple[str, str | None]:

@@ -2,10 +2,12 @@
 
 The train state is one pytree ``{"params", "opt_state", "step", "rng"}``.  One
 jitted function runs a whole epoch as a ``lax.scan`` over minibatches (one
-dispatch per epoch, state donated), and a checkpoint is written after every
-epoch, so a killed run resumes at its last finished epoch and ends exactly
-where an uninterrupted run ends (the epoch's shuffling key is
-``fold_in(rng, epoch)``).
+dispatch per epoch, state donated).  A checkpoint is written at the end of an
+epoch once ``ckpt_every_s`` seconds have passed since the last one
+(``optim.ckpt_every_s``; a 2-second ML-100K pretraining writes only its last
+epoch), and after the last epoch, so a killed run resumes at its last saved
+epoch and ends exactly where an uninterrupted run ends (the epoch's shuffling
+key is ``fold_in(rng, epoch)``).
 
 Data parallel over ``sharding.task_mesh()`` (every device, every host): the
 rows and the train state are replicated, each minibatch is split over the
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -35,6 +38,9 @@ from emerflow_jax.models import backbones
 
 State = dict[str, Any]
 
+
+# The clock of the checkpoint cadence (a test replaces it).
+_clock = time.monotonic
 
 def make_optimizer(lr: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
   if weight_decay:
@@ -136,7 +142,8 @@ def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
                       item_dropout: float = 0.0, weight_decay: float = 0.0,
                       log: Callable[[str], None] = logging.info,
                       writer: Any = None,
-                      mesh: jax.sharding.Mesh | None = None) -> Any:
+                      mesh: jax.sharding.Mesh | None = None,
+                      ckpt_every_s: float = 0.0) -> Any:
   """Pretrains the backbone on ``rows`` and returns its parameters.
 
   Args:
@@ -154,6 +161,9 @@ def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
     writer: optional ``curves`` writer (``loss`` per epoch).
     mesh: the devices every minibatch is split over (default: all of them,
       ``sharding.task_mesh()``).
+    ckpt_every_s: checkpoint when at least this many seconds of training have
+      passed since the last one, and after the last epoch (0: every epoch).
+      A killed run resumes bit-exactly from whichever epoch was saved.
 
   Returns:
     The trained parameters (replicated on ``mesh``).
@@ -171,6 +181,7 @@ def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
     start = 0 if done is None else done
     if done is not None:
       log(f"pretrain: resumed from epoch {done} in {ckpt.directory}")
+    saved = _clock()
     for e in range(start, epochs):
       state, losses = epoch_fn(state, users, items, labels, e)
       # Replicated: each process reads its own copy.
@@ -178,5 +189,7 @@ def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
       loss = float(loss.mean())
       log(f"pretrain: epoch {e + 1}/{epochs} step {int(step)} loss {loss:.4f}")
       curves.write(writer, e + 1, {"loss": loss})
-      ckpt.save(e + 1, state)
+      if e + 1 == epochs or _clock() - saved >= ckpt_every_s:
+        ckpt.save(e + 1, state)
+        saved = _clock()
   return state["params"]

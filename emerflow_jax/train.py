@@ -114,6 +114,7 @@ def execute_plan(config: ml_collections.ConfigDict, ds, split: protocol.Split,
           epochs=epochs, batch_size=config.optim.batch_size,
           lr=config.optim.lr, ckpt_dir=ckpt_dir, item_dropout=spec.item_dropout,
           weight_decay=config.optim.weight_decay,
+          ckpt_every_s=float(config.optim.ckpt_every_s),
           writer=curves.prefixed(writer, f"pretrain/{spec.role}"))
       seconds = pretrain_cost(ckpt_dir, time.time() - t,
                               trained=done < epochs)

@@ -53,10 +53,13 @@ def code_only(src: str) -> str:
 SOURCES = {p: code_only(p.read_text()) for p in sorted((REPO / "emerflow_jax").rglob("*.py"))
            + sorted((REPO / "experiments").rglob("*.py")) if "configs" not in p.parts}
 PATHS = "locates files only: artifacts are the same wherever they live (cache.PATH_FIELDS)"
+CADENCE = ("how often a stage checkpoints: resuming is bit-exact from any checkpoint "
+           "(cache.CADENCE_FIELDS; test_pretrain)")
 STAGE1 = ("stage 1 (experiments.enrich) runs offline; a run reads its committed output, "
           "keyed by enrich.source")
 EXCEPTIONS = {
     **{f"{s}.{f}": PATHS for s, f in cache.PATH_FIELDS},
+    **{f"{s}.{f}": CADENCE for s, f in cache.CADENCE_FIELDS},
     **{f"generate.{f}": STAGE1 for f in ("llm", "threads", "device", "batch_size",
                                          "max_new_tokens")},
 }

@@ -57,6 +57,33 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tiny_ds, tiny_split,
                             backbones.item_embedding_table(straight))
 
 
+def test_checkpoints_follow_the_time_budget_and_always_end_with_the_last_epoch(
+    tiny_ds, tiny_split, tmp_path, monkeypatch):
+  model = backbones.make_backbone("deepfm", tiny_ds, dim=DIM, mlp=MLP)
+  tables = backbones.make_tables(tiny_ds)
+  rows = tasks.pack_flat(tiny_ds, tiny_split.base_rows)
+  saved = []
+  real = pretrain.checkpoint.Checkpointer.save
+
+  def spy(self, step, state, force=True):
+    saved.append(int(step))
+    return real(self, step, state, force)
+
+  monkeypatch.setattr(pretrain.checkpoint.Checkpointer, "save", spy)
+  clock = iter(range(0, 1000, 10))  # every epoch "takes" 10 s
+  monkeypatch.setattr(pretrain, "_clock", lambda: next(clock))
+  budget = pretrain.pretrain_backbone(model, tables, rows, jax.random.key(0), epochs=6,
+                                      batch_size=BATCH, lr=LR, ckpt_dir=tmp_path / "a",
+                                      log=lambda _: None, ckpt_every_s=25.0)
+  assert saved == [3, 6]  # 30 s after the start, then the last epoch
+  saved.clear()
+  every = pretrain.pretrain_backbone(model, tables, rows, jax.random.key(0), epochs=6,
+                                     batch_size=BATCH, lr=LR, ckpt_dir=tmp_path / "b",
+                                     log=lambda _: None, ckpt_every_s=0.0)
+  assert saved == [1, 2, 3, 4, 5, 6]
+  _assert_bit_exact(budget, every)  # the cadence changes nothing computed
+
+
 def test_finished_run_is_not_retrained(tiny_ds, tiny_split, tmp_path):
   first = _pretrain(tiny_ds, tiny_split, tmp_path / "c", epochs=2)
   lines = []
@@ -141,7 +168,7 @@ def test_four_devices_give_the_parameters_of_one(tmp_path, repo_root):
 # Many short epochs, so that the kill lands between two checkpoints.
 EPOCHS = 12
 FLAGS = ("--config=experiments/configs/synthetic.py:smoke", "--config.method=base",
-         f"--config.optim.epochs={EPOCHS}")
+         f"--config.optim.epochs={EPOCHS}", "--config.optim.ckpt_every_s=0")
 
 
 def _start(argv, workdir: pathlib.Path, cwd) -> subprocess.Popen:

@@ -37,6 +37,7 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.optim.batch_size = 256        # pretraining minibatch
   c.optim.epochs = 10             # pretraining epochs over old-item rows
   c.optim.weight_decay = 0.0      # AdamW decay (0 -> plain Adam)
+  c.optim.ckpt_every_s = 30.0      # checkpoint pretraining at most this often (s of training) and after the last epoch
   c.optim.cache_dir = ""          # share pretrained backbones across runs ("" -> <workdir>/backbones)
 
   c.enrich = ml_collections.ConfigDict()
