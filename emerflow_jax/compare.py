@@ -33,10 +33,6 @@ import ml_collections
 from emerflow_jax import methods as methods_lib
 from emerflow_jax import cache, results, train, tune
 
-# Config fields that do not change what a run computes (where files live, how
-# often a stage checkpoints).
-PATH_FIELDS = cache.UNKEYED_FIELDS
-
 
 def parse_method(spec: str) -> tuple[str, str | None]:
   """"emerflow:agent4rec" -> ("emerflow", "agent4rec"); "base" -> ("base", None).
@@ -91,9 +87,9 @@ def grid_config(config: ml_collections.ConfigDict, method: str, backbone: str,
 # prefix): a change there cannot change another method's run, so it does not
 # invalidate that run.  warmup is shared: every method ends in its fine-tuning.
 def _comparable(config_dict: dict, sections: Sequence[str]) -> dict:
-  """The ``sections`` of a config dict, without path fields."""
+  """The ``sections`` of a config dict, without ``cache.UNKEYED_FIELDS``."""
   d = json.loads(json.dumps(config_dict, default=str))
-  for section, key in PATH_FIELDS:
+  for section, key in cache.UNKEYED_FIELDS:
     d.get(section, {}).pop(key, None)
   return {k: v for k, v in d.items() if k in sections}
 

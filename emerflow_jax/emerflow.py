@@ -61,6 +61,8 @@ from emerflow_jax import (align, align_diagnostics, checkpoint, closedform, curv
 # Config sections each stage reads (their cache keys cover exactly these,
 # plus the backbone the stage is built on).
 ALIGN_SECTIONS = ("enrich", "align")
+# Added to the phase index to draw the pooled correction's item folds.
+POOL_SALT = 1000
 META_SECTIONS = ("enrich", "align", "meta")
 
 
@@ -384,7 +386,7 @@ class EmerFlow(methods.Method):
       emb, lam = posterior.pooled_correction(
           ctx.model, ctx.params, ctx.tables, emb, prior,
           {k: jnp.asarray(v) for k, v in batch.items()},
-          jax.random.fold_in(ctx.key, 1000 + phase), steps=int(g.pool_steps),
+          jax.random.fold_in(ctx.key, POOL_SALT + phase), steps=int(g.pool_steps),
           lr=float(g.pool_lr), lambdas=jnp.asarray(lambdas, jnp.float32),
           folds=int(g.pool_folds))
       logging.info("regen: pooled correction, phase %d, penalty %s", phase, float(lam))

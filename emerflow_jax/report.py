@@ -27,7 +27,7 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
-from emerflow_jax import compare, protocol, results
+from emerflow_jax import cache, protocol, results
 
 PHASES = list(protocol.PHASES)
 REFERENCE = "emerflow"
@@ -318,7 +318,7 @@ def section_label(config: ml_collections.ConfigDict,
   def flat(c):
     return _flat(json.loads(json.dumps(c.to_dict(), default=str)))
   a, b = flat(config), flat(default)
-  skip = set(_GRID_FIELDS) | {f"{s}.{k}" for s, k in compare.PATH_FIELDS}
+  skip = set(_GRID_FIELDS) | {f"{s}.{k}" for s, k in cache.UNKEYED_FIELDS}
   diff = [f"{k}={a.get(k)}" for k in sorted(set(a) | set(b))
           if k not in skip and a.get(k) != b.get(k)]
   label = config.data.name + (f":{arg}" if arg else "")

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from emerflow_jax import methods, pretrain, protocol, tasks, train
+from emerflow_jax import emerflow, methods, pretrain, protocol, tasks, train
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 from experiments.configs import synthetic as synthetic_config
@@ -188,7 +188,7 @@ def test_pooled_correction_comes_before_the_rule_with_the_cold_prior(tmp_path):
   corrected, _ = posterior.pooled_correction(
       ctx.model, ctx.params, ctx.tables, emb, prior,
       {k: jax.numpy.asarray(v) for k, v in batch.items()},
-      jax.random.fold_in(ctx.key, 1000), steps=15, lr=float(ctx.config.regen.pool_lr),
+      jax.random.fold_in(ctx.key, emerflow.POOL_SALT), steps=15, lr=float(ctx.config.regen.pool_lr),
       lambdas=jax.numpy.asarray([1e-3]), folds=int(ctx.config.regen.pool_folds))
   assert not np.allclose(corrected, emb)  # the shift was worth correcting here
   ctx.config.regen.pool_steps = 0
