@@ -459,3 +459,79 @@ def adapt_items(meta_params: dict[str, Any], model: backbones.Backbone,
   alpha = step_size(meta_params, phase if cfg.phase_alpha else None)
   return jax.vmap(lambda e, r: adapt(loss_fn, e, r, alpha, cfg.inner_steps,
                                      rule=cfg.rule))(emb, rows)
+
+
+SCALE_Z = 2.0   # a rescaled step size is kept only above this many standard errors of gain
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "folds"))
+def choose_step_scale(meta_params: dict[str, Any], model: backbones.Backbone,
+                      cfg: MetaConfig, frozen: dict[str, Any], emb: jnp.ndarray,
+                      batch: dict[str, jnp.ndarray], phase: Any, scales: jnp.ndarray,
+                      folds: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The learned step size rescaled for this population, by CV over their own rows.
+
+  The rule's step size was learned on old items; new items may need larger or
+  smaller moves.  Each item's valid phase rows are dealt into ``folds`` folds
+  in time order (row j of the item goes to fold j mod ``folds``).  For every
+  candidate factor s and fold f, every item is adapted by the rule with step
+  size s * alpha from ``emb`` on its rows outside f, and scored (BCE) on its
+  rows in f.  The factor with the lowest held-out loss summed over items is
+  kept only when its gain over s = 1 (the learned rule as it is) is above
+  ``SCALE_Z`` standard errors of its mean over items; otherwise the factor is
+  1.  Only the phase's rows enter, which the protocol has revealed.
+
+  Args:
+    meta_params: holds the learned ``log_alpha``.
+    model: the frozen backbone module.
+    cfg: the inner-loop settings.
+    frozen: backbone params and tables.
+    emb: [n, d] the items' embeddings before the phase's steps.
+    batch: the phase's Packed rows, each [n, K].
+    phase: warm phase index (picks alpha_p with per-phase step sizes).
+    scales: [m] candidate factors; must hold 1.0.
+    folds: row folds per item (at least 2).
+
+  Returns:
+    ([] the chosen factor, [m] the summed held-out gain of each factor over 1).
+  """
+  loss_fn = functools.partial(scoring.item_loss, model, frozen["params"], frozen["tables"])
+  rows = scoring.prepare(model, frozen["params"], frozen["tables"],
+                         {k: batch[k] for k in scoring.ROW_KEYS})
+  alpha = step_size(meta_params, phase if cfg.phase_alpha else None)
+  mask = rows["mask"].astype(emb.dtype)
+  fold = (jnp.cumsum(mask, axis=1) - 1.0) % folds                       # [n, K]
+  labels = rows["labels"].astype(emb.dtype)
+
+  def held_loss(s, f):
+    held = mask * (fold == f)
+    support = dict(rows, mask=mask * (fold != f))
+    e = jax.vmap(lambda e0, r: adapt(loss_fn, e0, r, s * alpha, cfg.inner_steps,
+                                     rule=cfg.rule))(emb, support)
+    logits = jax.vmap(functools.partial(scoring.item_logits, model, frozen["params"],
+                                        frozen["tables"]))(e, rows)
+    return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels) * held, 1)   # [n]
+
+  per_fold = jax.vmap(lambda s: jax.vmap(lambda f: held_loss(s, f))(
+      jnp.arange(folds, dtype=emb.dtype)))(scales.astype(emb.dtype))   # [m, F, n]
+  loss = per_fold.sum(1)                                                 # [m, n]
+  ref = jnp.argmin(jnp.abs(scales - 1.0))
+  gain = loss[ref][None, :] - loss                                       # [m, n]
+  best = jnp.argmax(gain.sum(1))
+  n = emb.shape[0]
+  g = gain[best] * n / jnp.maximum(mask.sum(), 1.0)
+  use = jnp.mean(g) > SCALE_Z * jnp.std(g) / jnp.sqrt(n)
+  return jnp.where(use, scales[best], jnp.ones((), scales.dtype)), gain.sum(1)
+
+
+def scaled(meta_params: dict[str, Any], scale: Any) -> dict[str, Any]:
+  """``meta_params`` with every step size multiplied by ``scale``.
+
+  Args:
+    meta_params: holds ``log_alpha``.
+    scale: [] positive factor.
+
+  Returns:
+    A new dict; ``log_alpha`` shifted by log(scale).
+  """
+  return dict(meta_params, log_alpha=meta_params["log_alpha"] + jnp.log(scale))

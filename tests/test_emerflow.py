@@ -117,6 +117,11 @@ def test_rule_learned_on_an_auxiliary_backbone_carries_only_the_step_sizes(tmp_p
     ({"meta.cold_in_outer": True}, "learn_shrink"),
     ({"meta.rule_holdout": 0.0, "meta.rule_epochs": 3}, "rule_holdout > 0"),
     ({"meta.tasks": "chunks"}, "phase_alpha"),
+    ({"regen.step_scales": (0.5, 2.0)}, "hold 1.0"),
+    ({"regen.step_scales": (1.0,)}, "hold 1.0"),
+    ({"regen.step_scales": (0.0, 1.0)}, "positive"),
+    ({"regen.scale_folds": 1}, "scale_folds"),
+    ({"regen.scale_phases": "ad"}, "scale_phases"),
 ])
 def test_options_that_would_have_no_effect_are_errors(tmp_path, overrides, match):
   method, ctx = _context(tmp_path, "emerflow", **overrides)
@@ -194,3 +199,30 @@ def test_pooled_correction_comes_before_the_rule_with_the_cold_prior(tmp_path):
   ctx.config.regen.pool_steps = 0
   want, _ = method.refine(ctx, state, corrected, batch, s.emerging_items, 0)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_refine_rescales_the_rule_by_the_factor_the_row_cv_chooses(tmp_path):
+  """regen.step_scales: refine = rule(emb; alpha x choose_step_scale(...))."""
+  from emerflow_jax import emerflow_meta, meta  # pylint: disable=g-import-not-at-top
+  method, ctx = _context(tmp_path, "emerflow", **{"regen.pool_steps": 0})
+  state = method.fit(ctx)
+  s = ctx.split
+  # A population far from where the rule's small steps can reach.
+  emb = method.cold(ctx, state, s.emerging_items) + 5.0
+  batch = tasks.pack_phase(ctx.ds, s.warm_rows["warm_a"])
+  got, _ = method.refine(ctx, state, emb, batch, s.emerging_items, 0)
+  mcfg = emerflow_meta.meta_config(ctx.config)
+  scale, _ = meta.choose_step_scale(
+      state["params"], ctx.model, mcfg, state["frozen"], emb,
+      {k: jax.numpy.asarray(v) for k, v in batch.items()}, 0,
+      jax.numpy.asarray(ctx.config.regen.step_scales, jax.numpy.float32),
+      folds=int(ctx.config.regen.scale_folds))
+  want = emerflow_meta.refine_items(meta.scaled(state["params"], scale), ctx.model, mcfg,
+                                    state["frozen"], emb, batch, phase=0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  ctx.config.regen.step_scales = ()
+  plain, _ = method.refine(ctx, state, emb, batch, s.emerging_items, 0)
+  np.testing.assert_allclose(plain, emerflow_meta.refine_items(
+      state["params"], ctx.model, mcfg, state["frozen"], emb, batch, phase=0),
+      rtol=1e-5, atol=1e-6)
+  assert float(scale) != 1.0 and not np.allclose(got, plain)

@@ -109,6 +109,9 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.regen.pool_lam = 0.0          # its ridge penalty on the shift and the prior's re-weighing (0 -> CV over items; no correction unless it wins)
   c.regen.pool_folds = 5          # folds over items of that CV
   c.regen.pool_prior = True       # the correction also re-weighs the aligned cold embedding (False: a shift only)
+  c.regen.step_scales = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # factors of the learned step size tried on the new items' own phase rows (row-fold CV; kept only if clearly better than 1; () = off)
+  c.regen.scale_folds = 3         # row folds per item of that CV
+  c.regen.scale_phases = "a"       # warm phases that run it (letters of a, b, c): validation AUC rose at warm_a and fell at warm_b, warm_c with "abc" (5 datasets, 10 splits)
 
   c.warmup = ml_collections.ConfigDict()
   c.warmup.steps = 10             # shared fine-tuning: Adam steps per phase

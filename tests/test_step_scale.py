@@ -1,0 +1,97 @@
+"""meta.choose_step_scale: the rule's step size rescaled by CV over each item's own rows."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from emerflow_jax import meta
+from emerflow_jax.data import synthetic
+from emerflow_jax.models import backbones, scoring
+
+SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
+CFG = meta.MetaConfig(inner_steps=4, rule="adam", phase_alpha=False)
+
+
+def _world(n_items=40, k=9, offset=0.0, seed=0):
+  """A frozen backbone, rows drawn from true item embeddings, and starting
+  embeddings ``offset`` away from the truth in a random direction per item."""
+  ds = synthetic.make_synthetic(n_users=60, n_items=n_items, mean_count=20, seed=seed)
+  model = backbones.make_backbone("deepfm", ds, dim=8, mlp=(8,))
+  tables = backbones.make_tables(ds)
+  params = backbones.init_params(model, tables, jax.random.key(seed))
+  rng = np.random.default_rng(seed)
+  true = jnp.asarray(2.0 * rng.normal(size=(n_items, 8)), jnp.float32)
+  users = jnp.asarray(rng.integers(0, ds.n_users, size=(n_items, k)), jnp.int32)
+  items = jnp.repeat(jnp.arange(n_items, dtype=jnp.int32)[:, None], k, 1)
+  raw = {"users": users, "items": items}
+  logits = jax.vmap(scoring.item_logits, in_axes=(None, None, None, 0, 0))(
+      model, params, tables, true, raw)
+  labels = (rng.random(size=(n_items, k)) < np.asarray(jax.nn.sigmoid(logits))).astype(
+      np.float32)
+  batch = dict(raw, labels=jnp.asarray(labels), mask=jnp.ones((n_items, k), jnp.float32))
+  direction = rng.normal(size=(n_items, 8))
+  direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+  emb = true + offset * jnp.asarray(direction, jnp.float32)
+  frozen = {"params": params, "tables": tables}
+  return model, frozen, emb, batch
+
+
+def _choose(model, frozen, emb, batch, alpha, folds=3):
+  mp = {"log_alpha": jnp.log(jnp.asarray(alpha, jnp.float32))}
+  return meta.choose_step_scale(mp, model, CFG, frozen, emb, batch, 0,
+                                jnp.asarray(SCALES, jnp.float32), folds=folds)
+
+
+def test_the_vmapped_cv_equals_a_loop_over_scales_folds_and_items():
+  model, frozen, emb, batch = _world(n_items=6, k=5, offset=2.0)
+  batch["mask"] = batch["mask"].at[2, 3:].set(0.0)  # an item with fewer rows
+  alpha, folds = 0.05, 2
+  _, got = _choose(model, frozen, emb, batch, alpha, folds=folds)
+  loss_fn = lambda e, r: scoring.item_loss(model, frozen["params"], frozen["tables"], e, r)
+  total = np.zeros(len(SCALES))
+  for si, s in enumerate(SCALES):
+    for i in range(6):
+      valid = np.flatnonzero(np.asarray(batch["mask"][i]))
+      for f in range(folds):
+        held = valid[np.arange(len(valid)) % folds == f]       # the item's j-th row: fold j % F
+        sup = np.setdiff1d(valid, held)
+        rows = {k: batch[k][i, sup] for k in ("users", "items", "labels", "mask")}
+        e = meta.adapt(loss_fn, emb[i], rows, jnp.asarray(s * alpha), CFG.inner_steps,
+                       rule="adam")
+        logits = scoring.item_logits(model, frozen["params"], frozen["tables"], e,
+                                     {k: batch[k][i, held] for k in ("users", "items")})
+        total[si] += float(jnp.sum(optax.sigmoid_binary_cross_entropy(
+            logits, batch["labels"][i, held])))
+  want = total[SCALES.index(1.0)] - total
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_step_too_small_for_the_population_is_scaled_up_and_a_right_one_is_kept():
+  # Items start far from the truth and the rule barely moves them: bigger steps
+  # score the held-out rows clearly better.
+  model, frozen, emb, batch = _world(n_items=60, k=20, offset=8.0)
+  scale, gains = _choose(model, frozen, emb, batch, alpha=0.02)
+  assert float(scale) > 1.0 and float(gains[SCALES.index(float(scale))]) > 0
+  # Items already at the truth: no larger step can help on held-out rows.
+  model, frozen, emb, batch = _world(n_items=60, k=20, offset=0.0)
+  scale, _ = _choose(model, frozen, emb, batch, alpha=0.05)
+  assert float(scale) <= 1.0
+
+
+def test_padded_rows_change_nothing_wherever_they_sit():
+  model, frozen, emb, batch = _world(n_items=12, k=6, offset=3.0)
+  want = _choose(model, frozen, emb, batch, alpha=0.02)
+  pad = {k: jnp.concatenate([v[:, :2], v], 1) for k, v in batch.items()}  # in front
+  pad["labels"] = pad["labels"].at[:, :2].set(1.0 - batch["labels"][:, :2])
+  pad["mask"] = pad["mask"].at[:, :2].set(0.0)
+  got = _choose(model, frozen, emb, pad, alpha=0.02)
+  assert float(got[0]) == float(want[0])
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-4, atol=1e-4)
+
+
+def test_scaled_multiplies_every_step_size():
+  mp = {"log_alpha": jnp.log(jnp.asarray([0.01, 0.02])), "other": 1}
+  out = meta.scaled(mp, jnp.asarray(4.0))
+  np.testing.assert_allclose(np.exp(np.asarray(out["log_alpha"])), [0.04, 0.08], rtol=1e-6)
+  assert out["other"] == 1 and np.allclose(np.exp(mp["log_alpha"]), [0.01, 0.02])
