@@ -102,6 +102,13 @@ def standardize(vectors: np.ndarray, fit_items: np.ndarray) -> np.ndarray:
   """Z-scores every item's vector with mean/std of ``fit_items`` (old items only), / sqrt(D).
 
   Using only old items keeps emerging items' vectors out of any statistic.
+
+  Args:
+    vectors: [n_items, D] text vectors of every item.
+    fit_items: indices of the items whose statistics are used (old items).
+
+  Returns:
+    [n_items, D] standardised vectors.
   """
   ref = vectors[fit_items]
   mu = ref.mean(0)
@@ -115,6 +122,14 @@ def item_side_embeddings(params: Any, tables: backbones.Tables,
   """Frozen backbone embeddings of every item field except the ID: [n, F_side*d].
 
   Sequence fields are sum-pooled over non-padding entries, as in the backbone.
+
+  Args:
+    params: the frozen backbone's parameters.
+    tables: its feature tables.
+    items: [n] item indices.
+
+  Returns:
+    [n, F_side * d] concatenated side-field embeddings.
   """
   embed = params["params"]["embed"]
   out = []
@@ -169,7 +184,19 @@ def align_loss(phi: Any, mapper: Mapper, model: backbones.Backbone, params: Any,
 def fraction_unexplained(phi: Any, mapper: Mapper, r: jnp.ndarray,
                          side: jnp.ndarray | None, targets: jnp.ndarray,
                          items: jnp.ndarray) -> jnp.ndarray:
-  """||g_phi(r_i) - e_i||^2 / ||e_i - mean e||^2 over ``items`` (1 = predicts the mean)."""
+  """||g_phi(r_i) - e_i||^2 / ||e_i - mean e||^2 over ``items`` (1 = predicts the mean).
+
+  Args:
+    phi: the mapper's variables.
+    mapper: g_phi.
+    r: [n_items, D] text vectors.
+    side: [n_items, ...] side embeddings, or None.
+    targets: [n_items, d] pretrained ID embeddings.
+    items: [m] the items scored.
+
+  Returns:
+    [] the FVU over ``items``.
+  """
   pred = mapper.apply(phi, r[items], None if side is None else side[items])
   t = targets[items]
   return jnp.sum((pred - t) ** 2) / jnp.maximum(jnp.sum((t - t.mean(0)) ** 2), 1e-12)
@@ -293,7 +320,16 @@ def train_mapper(mapper: Mapper, model: backbones.Backbone, params: Any,
 
 
 def targets(params: Any, tables: backbones.Tables, items: np.ndarray) -> jnp.ndarray:
-  """[n, d] pretrained ID embeddings of item indices [n] (the alignment targets)."""
+  """[n, d] pretrained ID embeddings of item indices [n] (the alignment targets).
+
+  Args:
+    params: the pretrained backbone's parameters.
+    tables: its feature tables.
+    items: [n] item indices.
+
+  Returns:
+    [n, d] their ID embeddings.
+  """
   return jnp.take(backbones.item_embedding_table(params),
                   backbones.item_ids(tables, jnp.asarray(items)), axis=0)
 
@@ -313,6 +349,18 @@ def fit_mlp(r: jnp.ndarray, e: jnp.ndarray, key: jax.Array, hidden: Sequence[int
 
   ``train_mapper`` adds the BCE term over rows; this is the version the
   diagnostics can refit per fold without a backbone.
+
+  Args:
+    r: [n, D] inputs.
+    e: [n, d] targets.
+    key: PRNG key of the init.
+    hidden: hidden layer sizes.
+    steps: full-batch AdamW steps.
+    lr: learning rate.
+    weight_decay: AdamW decay.
+
+  Returns:
+    The Mapper's variables.
   """
   mapper = Mapper(out_dim=e.shape[-1], hidden=tuple(hidden))
   phi = mapper.init(key, r[:2])
@@ -336,6 +384,14 @@ def apply(kind: str, params: Any, r: jnp.ndarray) -> jnp.ndarray:
 
   ``mlp`` rebuilds the ``Mapper`` from its parameters' shapes; the other
   kinds are ``closedform.apply``.
+
+  Args:
+    kind: one of ``KINDS``.
+    params: the fitted map's params.
+    r: [..., D] inputs.
+
+  Returns:
+    [..., d] predictions.
   """
   if kind == "mlp":
     layers = sorted(params["params"], key=lambda n: int(n.split("_")[-1]))

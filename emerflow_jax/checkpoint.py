@@ -114,7 +114,12 @@ def _global_if_multiprocess(state: Any) -> Any:
 
 
 def save_arrays(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-  """Atomically writes a small .npz of results (rename after a full write)."""
+  """Atomically writes a small .npz of results (rename after a full write).
+
+  Args:
+    path: the .npz file written.
+    **arrays: named arrays to store.
+  """
   path = os.fspath(path)
   tmp = f"{path}.{uuid.uuid4().hex}.tmp.npz"  # own name: see results.write_json_atomic
   np.savez(tmp, **arrays)

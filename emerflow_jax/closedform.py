@@ -62,21 +62,50 @@ def _reduce_rank(rc: jnp.ndarray, w: jnp.ndarray, rank: int) -> jnp.ndarray:
 
 
 def fit_ridge(r: jnp.ndarray, e: jnp.ndarray, ridge_lambda: float) -> dict[str, Any]:
-  """Ridge regression e ~ r (intercept unpenalised): {"linear": {mu_r, mu_e, w [D, d]}}."""
+  """Ridge regression e ~ r with an unpenalised intercept.
+
+  Args:
+    r: [n, D] inputs.
+    e: [n, d] targets.
+    ridge_lambda: the penalty on w.
+
+  Returns:
+    {"linear": {"mu_r" [D], "mu_e" [d], "w" [D, d]}}.
+  """
   mu_r, mu_e, w = _ridge_path(r, e, jnp.asarray([ridge_lambda], jnp.float32))
   return {"linear": {"mu_r": mu_r, "mu_e": mu_e, "w": w[0]}}
 
 
 def fit_lowrank(r: jnp.ndarray, e: jnp.ndarray, ridge_lambda: float,
                 rank: int) -> dict[str, Any]:
-  """Reduced-rank ridge: the ridge map restricted to ``rank`` output directions."""
+  """Reduced-rank ridge: the ridge map restricted to ``rank`` output directions.
+
+  Args:
+    r: [n, D] inputs.
+    e: [n, d] targets.
+    ridge_lambda: the penalty on w.
+    rank: output directions kept.
+
+  Returns:
+    {"linear": {"mu_r", "mu_e", "w" [D, d] of rank ``rank``}}.
+  """
   p = fit_ridge(r, e, ridge_lambda)["linear"]
   return {"linear": dict(p, w=_reduce_rank(r - p["mu_r"], p["w"], int(rank)))}
 
 
 def fit_knn(r: jnp.ndarray, e: jnp.ndarray, knn_k: int,
             knn_temperature: float) -> dict[str, Any]:
-  """Neighbour averaging: {"knn": {r_ref [n, D] unit rows, e_ref [n, d], k, log_t}}."""
+  """Neighbour averaging in text space.
+
+  Args:
+    r: [n, D] reference inputs.
+    e: [n, d] their targets.
+    knn_k: neighbours averaged.
+    knn_temperature: softmax temperature on cosine similarity.
+
+  Returns:
+    {"knn": {"r_ref" [n, D] unit rows, "e_ref" [n, d], "k" [], "log_t" []}}.
+  """
   return {"knn": {"r_ref": prior.unit(r), "e_ref": e,
                   "k": jnp.asarray(knn_k, jnp.float32),
                   "log_t": jnp.log(jnp.asarray(knn_temperature, jnp.float32))}}
@@ -92,7 +121,16 @@ def kind_of(params: Any) -> str:
 
 
 def apply(kind: str, params: Any, r: jnp.ndarray) -> jnp.ndarray:
-  """The fitted map of ``kind`` (``KINDS`` or "linear") on r [..., D] -> [..., d]."""
+  """The fitted map of ``kind`` applied to r.
+
+  Args:
+    kind: one of ``KINDS``, or "linear".
+    params: what ``fit`` returned.
+    r: [..., D] inputs.
+
+  Returns:
+    [..., d] predictions.
+  """
   if kind in ("ridge", "lowrank", "linear"):
     p = params["linear"]
     return (r - p["mu_r"]) @ p["w"] + p["mu_e"]
@@ -105,7 +143,17 @@ def apply(kind: str, params: Any, r: jnp.ndarray) -> jnp.ndarray:
 
 
 def fit(kind: str, r: jnp.ndarray, e: jnp.ndarray, **options: Any) -> Any:
-  """``fit_<kind>(r [n, D], e [n, d], **options)``."""
+  """``fit_<kind>(r, e, **options)``.
+
+  Args:
+    kind: one of ``KINDS``.
+    r: [n, D] inputs.
+    e: [n, d] targets.
+    **options: that kind's hyperparameters (``candidates`` lists them).
+
+  Returns:
+    The fitted map's params (``apply`` takes them).
+  """
   _check_kind(kind)
   if kind == "ridge":
     return fit_ridge(r, e, options["ridge_lambda"])
@@ -115,7 +163,16 @@ def fit(kind: str, r: jnp.ndarray, e: jnp.ndarray, **options: Any) -> Any:
 
 
 def fold_ids(n: int, folds: int, key: jax.Array) -> np.ndarray:
-  """[n] fold index of each item, balanced, in a random order."""
+  """Balanced fold indices in a random order.
+
+  Args:
+    n: items.
+    folds: k.
+    key: PRNG key of the order.
+
+  Returns:
+    [n] fold index of each item.
+  """
   return np.asarray(jax.random.permutation(key, jnp.arange(n) % folds))
 
 
@@ -123,13 +180,29 @@ def fvu(pred: Any, e: Any) -> float:
   """Fraction of variance unexplained, sum ||pred - e||^2 / sum ||e - mean e||^2.
 
   Computed on the host in float64 (arrays of either kind).
+
+  Args:
+    pred: [n, d] predictions.
+    e: [n, d] targets.
+
+  Returns:
+    The FVU (0 = perfect, 1 = no better than the mean).
   """
   pred, e = np.asarray(pred, np.float64), np.asarray(e, np.float64)
   return float(np.sum((pred - e) ** 2) / max(np.sum((e - e.mean(0)) ** 2), 1e-12))
 
 
 def candidates(kind: str, dim: int, **options: Any) -> list[dict[str, Any]]:
-  """Option dicts to cross-validate: a given (> 0) value is kept, else its grid."""
+  """Option dicts to cross-validate: a given (> 0) value is kept, else its grid.
+
+  Args:
+    kind: one of ``KINDS``.
+    dim: the target dimension d (ranks below it only).
+    **options: fixed hyperparameters; 0 or missing ones are searched.
+
+  Returns:
+    One option dict per candidate.
+  """
   _check_kind(kind)
   def pick(name, grid):
     return [options[name]] if options.get(name) else list(grid)
@@ -179,7 +252,18 @@ def _predict_all(kind: str, r_fit, e_fit, r_new, cands) -> list[jnp.ndarray]:
 
 def out_of_fold(kind: str, r: jnp.ndarray, e: jnp.ndarray, fold: np.ndarray,
                 **options: Any) -> jnp.ndarray:
-  """[n, d] predictions of each item by a fit on the other folds (``fold`` [n])."""
+  """Each item predicted by a fit on the other folds.
+
+  Args:
+    kind: one of ``KINDS``.
+    r: [n, D] inputs.
+    e: [n, d] targets.
+    fold: [n] fold of each item.
+    **options: the kind's hyperparameters.
+
+  Returns:
+    [n, d] out-of-fold predictions.
+  """
   pred = jnp.zeros_like(e)
   for f in np.unique(fold):
     te = fold == f
@@ -220,6 +304,14 @@ def cross_validate(kind: str, r: jnp.ndarray, e: jnp.ndarray, key: jax.Array,
 def fit_cv(kind: str, r: jnp.ndarray, e: jnp.ndarray, key: jax.Array, folds: int = 5,
            **options: Any) -> tuple[Any, dict[str, Any], float]:
   """Fits ``kind`` on all of (r, e) with the options k-fold CV over its items picks.
+
+  Args:
+    kind: one of ``KINDS``.
+    r: [n, D] inputs.
+    e: [n, d] targets.
+    key: PRNG key of the folds.
+    folds: k.
+    **options: fixed hyperparameters (a 0 or missing one is searched).
 
   Returns:
     (params, chosen options, their pooled held-out FVU).

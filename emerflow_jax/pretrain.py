@@ -43,12 +43,31 @@ State = dict[str, Any]
 _clock = time.monotonic
 
 def make_optimizer(lr: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """Adam, or AdamW when ``weight_decay`` > 0.
+
+  Args:
+    lr: learning rate.
+    weight_decay: AdamW decay (0: plain Adam).
+
+  Returns:
+    The optax transformation.
+  """
   if weight_decay:
     return optax.adamw(lr, weight_decay=weight_decay)
   return optax.adam(lr)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, key: jax.Array) -> State:
+  """A fresh train state.
+
+  Args:
+    params: the model parameters.
+    tx: the optimizer.
+    key: PRNG key stored as raw key data (dropout, shuffling).
+
+  Returns:
+    {"params", "opt_state", "step" = 0, "rng"}.
+  """
   return {"params": params, "opt_state": tx.init(params),
           "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(key)}
 

@@ -42,6 +42,13 @@ def top_k_mask(sims: jnp.ndarray, k: jnp.ndarray) -> jnp.ndarray:
 
   ``k`` may be a traced scalar (a float leaf of a params pytree), so the
   threshold is read from the sorted row instead of ``lax.top_k``.
+
+  Args:
+    sims: [..., n] scores.
+    k: [] how many to keep (may be traced).
+
+  Returns:
+    [..., n] bool mask.
   """
   n = sims.shape[-1]
   k = jnp.clip(jax.lax.stop_gradient(k).astype(jnp.int32), 1, n)
@@ -88,7 +95,15 @@ def features(r_ref: jnp.ndarray, e_ref: jnp.ndarray, r: jnp.ndarray, g: jnp.ndar
 
 
 def gate_factor(theta: dict[str, jnp.ndarray], f: jnp.ndarray) -> jnp.ndarray:
-  """s = sigmoid(b + w . (f - f_mu) / f_sd): [..., 3] features -> [...]."""
+  """s = sigmoid(b + w . (f - f_mu) / f_sd): [..., 3] features -> [...].
+
+  Args:
+    theta: {"b", "w", "f_mu", "f_sd"} of the gate.
+    f: [..., 3] per-item features.
+
+  Returns:
+    [...] shrink factors in (0, 1).
+  """
   z = (f - theta["f_mu"]) / theta["f_sd"]
   return jax.nn.sigmoid(theta["b"] + z @ theta["w"])
 
@@ -96,7 +111,20 @@ def gate_factor(theta: dict[str, jnp.ndarray], f: jnp.ndarray) -> jnp.ndarray:
 def gate_loss(theta: dict[str, jnp.ndarray], f: jnp.ndarray, g: jnp.ndarray,
               e: jnp.ndarray, center: jnp.ndarray, scale: jnp.ndarray,
               l2: float) -> jnp.ndarray:
-  """Mean ||c + s_i (g_i - c) - e_i||^2 / scale + l2 ||w||^2 over [n] items."""
+  """Mean ||c + s_i (g_i - c) - e_i||^2 / scale + l2 ||w||^2 over [n] items.
+
+  Args:
+    theta: the gate's parameters.
+    f: [n, 3] features.
+    g: [n, d] aligned embeddings.
+    e: [n, d] target embeddings.
+    center: [d] old-item mean c.
+    scale: [] normaliser of the squared error.
+    l2: penalty on w.
+
+  Returns:
+    [] the loss.
+  """
   s = gate_factor(theta, f)[:, None]
   err = jnp.sum((center + s * (g - center) - e) ** 2, -1)
   return jnp.mean(err) / scale + l2 * jnp.sum(theta["w"] ** 2)
@@ -105,7 +133,22 @@ def gate_loss(theta: dict[str, jnp.ndarray], f: jnp.ndarray, g: jnp.ndarray,
 def fit_gate(f: jnp.ndarray, g: jnp.ndarray, e: jnp.ndarray, center: jnp.ndarray,
              scale: jnp.ndarray, s0: jnp.ndarray, steps: int = 300, lr: float = 0.05,
              l2: float = 1e-2) -> dict[str, jnp.ndarray]:
-  """Adam on ``gate_loss`` from the global shrink s0 (w = 0): the gate's theta."""
+  """Adam on ``gate_loss`` from the global shrink s0 (w = 0): the gate's theta.
+
+  Args:
+    f: [n, 3] features.
+    g: [n, d] aligned embeddings.
+    e: [n, d] target embeddings.
+    center: [d] old-item mean.
+    scale: [] normaliser of the squared error.
+    s0: [] the global shrink to start from.
+    steps: Adam steps.
+    lr: learning rate.
+    l2: penalty on w.
+
+  Returns:
+    The gate's theta.
+  """
   s0 = jnp.clip(s0, 0.02, 0.98)
   theta = {"w": jnp.zeros(f.shape[-1], jnp.float32), "b": jnp.log(s0 / (1 - s0)),
            "f_mu": f.mean(0), "f_sd": f.std(0) + 1e-6}
@@ -159,7 +202,16 @@ def fit(kind: str, r: jnp.ndarray, e: jnp.ndarray, oof: jnp.ndarray, fold: np.nd
 
 
 def factor(params: dict[str, Any], r: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
-  """The shrink s of items r [..., D] with aligned embeddings g [..., d]: [...]."""
+  """The shrink s of items r [..., D] with aligned embeddings g [..., d]: [...].
+
+  Args:
+    params: the prior's params (global or gate).
+    r: [..., D] text vectors.
+    g: [..., d] aligned embeddings.
+
+  Returns:
+    [...] shrink factors s.
+  """
   if "s" in params:
     return jnp.broadcast_to(params["s"], g.shape[:-1])
   f = features(params["r_ref"], params["e_ref"], r, g, params["center"], params["scale"],
@@ -168,5 +220,14 @@ def factor(params: dict[str, Any], r: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarra
 
 
 def apply(params: dict[str, Any], r: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
-  """e_0 = c + s (g - c): [..., d]."""
+  """e_0 = c + s (g - c): [..., d].
+
+  Args:
+    params: the prior's params.
+    r: [..., D] text vectors.
+    g: [..., d] aligned embeddings.
+
+  Returns:
+    [..., d] shrunk embeddings.
+  """
   return params["center"] + factor(params, r, g)[..., None] * (g - params["center"])

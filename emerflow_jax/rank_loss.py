@@ -84,6 +84,15 @@ def draw_auc_pairs(labels: jnp.ndarray, mask: jnp.ndarray, key: jax.Array,
   Row i draws ``pairs`` rows of the other class, uniformly with replacement
   among the masked-in rows (a row with no partner class draws a masked row,
   which ``paired_auc_loss`` weighs 0).  Depends on labels and mask only.
+
+  Args:
+    labels: [n] 0/1 labels.
+    mask: [n] 1 for real rows.
+    key: PRNG key.
+    pairs: partners per row.
+
+  Returns:
+    [n, pairs] partner row indices.
   """
   y, m = labels.reshape(-1), mask.reshape(-1)
   pos, neg = y * m, (1.0 - y) * m

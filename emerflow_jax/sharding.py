@@ -151,7 +151,15 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def padded_size(n: int, mesh: Mesh) -> int:
-  """The smallest multiple of the mesh size that holds ``n`` tasks."""
+  """The smallest multiple of the mesh size that holds ``n`` tasks.
+
+  Args:
+    n: tasks.
+    mesh: the device mesh.
+
+  Returns:
+    The padded count.
+  """
   size = mesh.size
   return -(-n // size) * size
 
@@ -162,6 +170,13 @@ def pad_leading(tree: Any, multiple: int) -> Any:
   Zero rows are inert by construction: a padded task has ``task_mask`` 0 and
   row ``mask`` 0, so it adds nothing to a loss or a gradient, and a padded
   warm-up item has mask 0, so its (zero) embedding never moves.
+
+  Args:
+    tree: arrays with a common leading axis.
+    multiple: the target multiple.
+
+  Returns:
+    ``tree`` with the leading axis zero-padded.
   """
   def pad(x):
     x = np.asarray(gather(x))
@@ -202,7 +217,15 @@ def shard_tasks(tree: Any, mesh: Mesh) -> Any:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """A full copy of every array of ``tree`` on every device of the mesh."""
+  """A full copy of every array of ``tree`` on every device of the mesh.
+
+  Args:
+    tree: arrays.
+    mesh: the device mesh.
+
+  Returns:
+    The replicated tree.
+  """
   sharding = replicated_sharding(mesh)
   return jax.tree.map(lambda x: _global_array(x, sharding), tree)
 

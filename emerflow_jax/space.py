@@ -96,7 +96,15 @@ def suggest(trial, params: Mapping[str, Param]) -> dict[str, Any]:
 
 
 def contains(p: Param, value: Any) -> bool:
-  """Whether ``value`` is a point of ``p`` (a Float/Int in range, on an Int's step)."""
+  """Whether ``value`` is a point of ``p`` (a Float/Int in range, on an Int's step).
+
+  Args:
+    p: a search-space parameter.
+    value: a candidate value.
+
+  Returns:
+    True when ``value`` lies in ``p``.
+  """
   if isinstance(p, Categorical):
     return value in p.choices
   if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -373,6 +373,13 @@ def lookup(config, key: str) -> Any:
 
   Raises:
     KeyError: naming the key and its first missing part.
+
+  Args:
+    config: a ConfigDict or nested mapping.
+    key: dotted path, e.g. "warmup.lr".
+
+  Returns:
+    The value.
   """
   node = config
   for part in key.split("."):

@@ -219,6 +219,13 @@ def pad_tasks(tasks: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarr
 
   Padded tasks carry a zero mask everywhere and ``task_mask`` 0, so they add
   nothing to a loss; a fixed task count keeps jit from recompiling.
+
+  Args:
+    tasks: [n, ...] task arrays.
+    multiple: the target multiple.
+
+  Returns:
+    The padded arrays, with "task_mask" [n_padded].
   """
   n = len(tasks["item"])
   target = -(-n // multiple) * multiple
@@ -234,7 +241,16 @@ def pad_tasks(tasks: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarr
 
 def batches(tasks: dict[str, np.ndarray], batch_size: int,
             rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
-  """Shuffles tasks and cuts them into equal batches (the last one padded)."""
+  """Shuffles tasks and cuts them into equal batches (the last one padded).
+
+  Args:
+    tasks: [n, ...] task arrays.
+    batch_size: tasks per batch.
+    rng: host generator of the shuffle.
+
+  Returns:
+    [batch_size, ...] batches.
+  """
   n = len(tasks["item"])
   perm = rng.permutation(n)
   shuffled = {k: v[perm] for k, v in tasks.items()}

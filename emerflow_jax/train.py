@@ -66,7 +66,17 @@ def spec_fields(spec: methods.BackboneSpec) -> dict[str, Any]:
 
 def backbone_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                  key: str, seed: int) -> pathlib.Path:
-  """Checkpoint folder of a pretrained backbone (shared via ``optim.cache_dir``)."""
+  """Checkpoint folder of a pretrained backbone (shared via ``optim.cache_dir``).
+
+  Args:
+    config: the run config.
+    workdir: the run's workdir.
+    key: the backbone's cache key.
+    seed: the seed.
+
+  Returns:
+    The folder.
+  """
   root = pathlib.Path(config.optim.cache_dir or workdir / "backbones").absolute()
   return root / f"{config.data.name}-{config.backbone}-s{seed}-{key}"
 
@@ -329,7 +339,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def load_vectors(config: ml_collections.ConfigDict, ds, source: str) -> np.ndarray:
-  """Enrichment vectors r_i [n_items, D] for every item from ``source``."""
+  """Enrichment vectors r_i [n_items, D] for every item from ``source``.
+
+  Args:
+    config: the run config (enrich section).
+    ds: the dataset.
+    source: the text source name.
+
+  Returns:
+    [n_items, D] vectors.
+  """
   if source == "dataset":
     if ds.item_vectors is None:
       raise ValueError(f"{ds.name} has no built-in item vectors; set "

@@ -77,7 +77,15 @@ def apply(config: ml_collections.ConfigDict, params: Mapping[str, Any]
 
 
 def config_values(config: ml_collections.ConfigDict, keys: Sequence[str]) -> dict[str, Any]:
-  """The config's own values of dotted ``keys`` (KeyError naming a missing one)."""
+  """The config's own values of dotted ``keys`` (KeyError naming a missing one).
+
+  Args:
+    config: the run config.
+    keys: dotted keys.
+
+  Returns:
+    key -> value.
+  """
   return {key: sweep.lookup(config, key) for key in keys}
 
 

@@ -101,7 +101,16 @@ class GraphGenerator(nn.Module):
 
 
 def cold_ids(key: jax.Array, items: jnp.ndarray, dim: int) -> jnp.ndarray:
-  """[n, d] fresh U(-0.01, 0.01) ID embeddings, one fixed draw per item id."""
+  """[n, d] fresh U(-0.01, 0.01) ID embeddings, one fixed draw per item id.
+
+  Args:
+    key: PRNG key of the draws.
+    items: [n] item ids.
+    dim: d.
+
+  Returns:
+    [n, d] ID embeddings.
+  """
   draw = lambda i: jax.random.uniform(jax.random.fold_in(key, i), (dim,), jnp.float32,
                                       -0.01, 0.01)
   return jax.vmap(draw)(items)
@@ -115,6 +124,9 @@ def cold_rep(gen: GraphGenerator, gen_params: Any, model: emerg_gnn.EmerGGNN,
   Args:
     items: [n] item indices.
     id_emb: [n, d] their cold ID embeddings.
+
+  Returns:
+    [n, d + L*F*F] item representations (ID embedding, flattened graphs).
   """
   side = metaemb.side_embeddings(metaemb.backbone_embed(params), tables, items)
   delta = jax.vmap(lambda s: gen.apply(gen_params, s))(side)
@@ -123,7 +135,18 @@ def cold_rep(gen: GraphGenerator, gen_params: Any, model: emerg_gnn.EmerGGNN,
 
 def rows_loss(model: emerg_gnn.EmerGGNN, params: Any, tables: backbones.Tables,
               rep: jnp.ndarray, rows: dict[str, jnp.ndarray]) -> jnp.ndarray:
-  """Masked mean BCE of one item's rows [R] scored with its rep [d + L*F*F]."""
+  """Masked mean BCE of one item's rows [R] scored with its rep [d + L*F*F].
+
+  Args:
+    model: the EmerG GNN.
+    params: its parameters.
+    tables: its feature tables.
+    rep: [d + L*F*F] the item's representation.
+    rows: the item's rows, each [R].
+
+  Returns:
+    [] the loss.
+  """
   e = jnp.broadcast_to(rep, rows["users"].shape + rep.shape)
   logits = backbones.score(model, params, tables, rows["users"], rows["items"], e)
   return backbones.bce_loss(logits, rows["labels"], rows["mask"])
@@ -157,7 +180,23 @@ def meta_loss(gen: GraphGenerator, gen_params: Any, model: emerg_gnn.EmerGGNN,
               params: Any, tables: backbones.Tables, batch: dict[str, jnp.ndarray],
               id_key: jax.Array, inner_lr: float, beta: float,
               first_order: bool) -> jnp.ndarray:
-  """Mask-weighted mean task loss over a batch of tasks ("task_mask" [B])."""
+  """Mask-weighted mean task loss over a batch of tasks ("task_mask" [B]).
+
+  Args:
+    gen: the graph generator.
+    gen_params: its parameters.
+    model: the EmerG GNN (frozen).
+    params: its parameters.
+    tables: its feature tables.
+    batch: [B, ...] tasks with "task_mask" [B].
+    id_key: PRNG key of the cold ID draws.
+    inner_lr: the inner step size on the ID embedding.
+    beta: weight of the support loss (the rest goes to the query loss).
+    first_order: stop gradients through the inner step.
+
+  Returns:
+    [] the batch loss.
+  """
   ids = cold_ids(id_key, batch["item"], model.dim)
   per_task = jax.vmap(task_loss, in_axes=(None, None, None, None, None, 0, 0,
                                           None, None, None))(
@@ -175,6 +214,17 @@ def make_epoch_fn(gen: GraphGenerator, model: emerg_gnn.EmerGGNN,
 
   ``stacked`` holds an epoch's task batches on a leading axis; one
   ``lax.scan`` runs the epoch in one dispatch.
+
+  Args:
+    gen: the graph generator.
+    model: the EmerG GNN.
+    tx: the generator's optimizer.
+    inner_lr: the inner step size.
+    beta: weight of the support loss.
+    first_order: stop gradients through the inner step.
+
+  Returns:
+    The jitted epoch function.
   """
 
   def epoch(state, params, tables, stacked, id_key):
@@ -195,6 +245,13 @@ def warm_tx(lr: float, weight_decay: float) -> optax.GradientTransformation:
   """torch.optim.Adam(lr, weight_decay): L2 added to the gradient, then Adam.
 
   Cached, so that one (lr, decay) is one static argument of ``warm_items``.
+
+  Args:
+    lr: learning rate.
+    weight_decay: L2 coefficient added to the gradient.
+
+  Returns:
+    The optax transformation.
   """
   return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr))
 
@@ -227,7 +284,21 @@ def warm_item(model: emerg_gnn.EmerGGNN, params: Any, tables: backbones.Tables,
 def warm_items(model: emerg_gnn.EmerGGNN, params: Any, tables: backbones.Tables,
                rep: jnp.ndarray, opt_state: Any, batch: dict[str, jnp.ndarray],
                tx: optax.GradientTransformation, steps: int) -> tuple[jnp.ndarray, Any]:
-  """``warm_item`` vmapped over items: rep [n, D], opt_state and batch [n, ...]."""
+  """``warm_item`` vmapped over items: rep [n, D], opt_state and batch [n, ...].
+
+  Args:
+    model: the EmerG GNN.
+    params: its parameters.
+    tables: its feature tables.
+    rep: [n, D] item representations.
+    opt_state: [n, ...] per-item optimizer states.
+    batch: the phase's rows, each [n, K].
+    tx: the warm-up optimizer.
+    steps: Adam steps.
+
+  Returns:
+    ([n, D] warmed representations, the optimizer states).
+  """
   fn = functools.partial(warm_item, tx=tx, steps=steps)
   return jax.vmap(fn, in_axes=(None, None, None, 0, 0, 0))(
       model, params, tables, rep, opt_state, batch)
@@ -289,6 +360,16 @@ class EmerG(methods.Method):
     return {k: np.stack([b[k] for b in batch_list]) for k in batch_list[0]}
 
   def cold(self, ctx: methods.Context, state: Any, items: np.ndarray) -> jnp.ndarray:
+    """Fresh ID embeddings with the graphs generated from the items' features.
+
+    Args:
+      ctx: the run's context.
+      state: what ``fit`` returned.
+      items: [n] item ids.
+
+    Returns:
+      [n, d + L*F*F] cold representations (ID embedding and graphs).
+    """
     items = jnp.asarray(items)
     ids = cold_ids(state["id_key"], items, ctx.dim)
     return _cold(self._generator(ctx), state["gen_params"], ctx.model, ctx.params,
@@ -297,6 +378,19 @@ class EmerG(methods.Method):
   def refine(self, ctx: methods.Context, state: Any, emb: jnp.ndarray,
              batch: dict[str, np.ndarray], items: np.ndarray, phase: int
              ) -> tuple[jnp.ndarray, Any]:
+    """Warm-up of each item's ID embedding and graph with one Adam across phases.
+
+    Args:
+      ctx: the run's context.
+      state: what ``fit`` returned.
+      emb: [n, D] current representations.
+      batch: the phase's rows, each [n, K].
+      items: [n] item ids (unused).
+      phase: 0, 1, 2 for warm_a, warm_b, warm_c.
+
+    Returns:
+      (new representations, the state with the warm-up optimizer kept for the next phase).
+    """
     del items
     cfg = ctx.config.emerg
     tx = warm_tx(float(cfg.warm_lr), float(cfg.weight_decay))

@@ -148,7 +148,20 @@ class GMEA(nn.Module):
 
 def generate(gen: GMEA, gen_params: Any, params: Any, tables: backbones.Tables,
              items: jnp.ndarray, nbr: jnp.ndarray, nbr_mask: jnp.ndarray) -> jnp.ndarray:
-  """[n, d] cold ID embeddings of items [n] with neighbours nbr/nbr_mask [n_items, k]."""
+  """[n, d] cold ID embeddings of items [n] with neighbours nbr/nbr_mask [n_items, k].
+
+  Args:
+    gen: the GME-A generator.
+    gen_params: its parameters.
+    params: the frozen backbone's parameters.
+    tables: its feature tables.
+    items: [n] item indices.
+    nbr: [n_items, k] neighbour indices of every item.
+    nbr_mask: [n_items, k] 1 for real neighbours.
+
+  Returns:
+    [n, d] cold ID embeddings.
+  """
   embed = metaemb.backbone_embed(params)
   z = metaemb.side_embeddings(embed, tables, items)
   idx, mask = jnp.take(nbr, items, 0), jnp.take(nbr_mask, items, 0)
@@ -159,7 +172,22 @@ def generate(gen: GMEA, gen_params: Any, params: Any, tables: backbones.Tables,
 def task_loss(gen: GMEA, gen_params: Any, model: backbones.Backbone, params: Any,
               tables: backbones.Tables, nbrs: tuple[jnp.ndarray, jnp.ndarray],
               task: dict[str, jnp.ndarray], inner_lr: float, alpha: float) -> jnp.ndarray:
-  """alpha * L_a(e0) + (1 - alpha) * L_b(e1) of one task (unbatched leaves)."""
+  """alpha * L_a(e0) + (1 - alpha) * L_b(e1) of one task (unbatched leaves).
+
+  Args:
+    gen: the GME-A generator.
+    gen_params: its parameters.
+    model: the frozen backbone.
+    params: its parameters.
+    tables: its feature tables.
+    nbrs: (nbr, nbr_mask), each [n_items, k].
+    task: one task's unbatched arrays.
+    inner_lr: the step from e0 to e1 on chunk a.
+    alpha: weight of L_a(e0).
+
+  Returns:
+    [] the task's loss.
+  """
   e0 = generate(gen, gen_params, params, tables, task["item"][None], *nbrs)[0]
   sup = {k: task[f"support/{k}"] for k in scoring.ROW_KEYS}
   qry = {k: task[f"query/{k}"] for k in scoring.ROW_KEYS}
@@ -170,7 +198,18 @@ def task_loss(gen: GMEA, gen_params: Any, model: backbones.Backbone, params: Any
 
 def make_epoch_fn(gen: GMEA, model: backbones.Backbone, tx: optax.GradientTransformation,
                   inner_lr: float, alpha: float) -> Callable[..., tuple[dict, jnp.ndarray]]:
-  """jit(epoch(state, params, tables, nbrs, stacked) -> (state, losses [n_batches]))."""
+  """jit(epoch(state, params, tables, nbrs, stacked) -> (state, losses [n_batches])).
+
+  Args:
+    gen: the GME-A generator.
+    model: the frozen backbone.
+    tx: the generator's optimizer.
+    inner_lr: the inner step size.
+    alpha: weight of L_a(e0).
+
+  Returns:
+    The jitted epoch function.
+  """
 
   def batch_loss(gp, params, tables, nbrs, batch):
     per_task = jax.vmap(task_loss, in_axes=(None, None, None, None, None, None, 0,
@@ -239,6 +278,16 @@ class GME(methods.Method):
     return {"gen_params": state["params"], "nbrs": nbrs}
 
   def cold(self, ctx: methods.Context, state: Any, items: np.ndarray) -> jnp.ndarray:
+    """Cold ID embeddings generated from the items' attributes and neighbours.
+
+    Args:
+      ctx: the run's context.
+      state: what ``fit`` returned.
+      items: [n] item ids.
+
+    Returns:
+      [n, d] generated cold ID embeddings.
+    """
     return _generate(self._gen(ctx), state["gen_params"], ctx.params, ctx.tables,
                      jnp.asarray(items), *state["nbrs"])
 

@@ -99,7 +99,15 @@ def read_e2e(path: str) -> dict[str, Any]:
 
 
 def describe_variant(w: world_lib.World, mcfg: meta.MetaConfig) -> str:
-  """Which meta-training step is timed, in words (it follows the config)."""
+  """Which meta-training step is timed, in words (it follows the config).
+
+  Args:
+    w: the benchmark world.
+    mcfg: the timed meta config.
+
+  Returns:
+    A sentence.
+  """
   trained = [n for n, on in (("the mapper phi", mcfg.train_init),
                              ("alpha", mcfg.learn_alpha)) if on]
   loss = ("pooled pairwise (AUC) loss over all query rows of the batch, "

@@ -28,6 +28,15 @@ class AgreementError(AssertionError):
 
 
 def fresh_state(w: world_lib.World, tx: optax.GradientTransformation) -> dict[str, Any]:
+  """A new meta train state from the world's parameters.
+
+  Args:
+    w: the benchmark world.
+    tx: the outer optimizer.
+
+  Returns:
+    {"params", "opt_state", "step", "rng"}.
+  """
   params = jax.tree.map(jnp.array, w.meta_params)  # the step donates it
   return {"params": params, "opt_state": tx.init(params),
           "step": jnp.zeros((), jnp.int32), "rng": jnp.zeros((2,), jnp.uint32)}
@@ -44,6 +53,9 @@ def pooled_outer(mcfg: meta.MetaConfig, support: jnp.ndarray, task_losses: jnp.n
     logits: [B, P, Q] query logits after each phase.
     labels, mask: [B, Q] query rows.
     key: the step's key (sampled pairs).
+
+  Returns:
+    [] the outer loss.
   """
   if mcfg.outer_loss == "bce":
     return task_losses.mean()
@@ -69,6 +81,15 @@ class JaxVmapJit:
                                    static_argnums=(1, 2, 3))
 
   def loss_and_grads(self, batch, key):
+    """The outer loss and its gradients on ``batch``.
+
+    Args:
+      batch: [B, ...] task arrays.
+      key: the step's key (sampled pairs).
+
+    Returns:
+      (loss, flat gradients by parameter name).
+    """
     (loss, _), g = self._value_and_grad(self.w.meta_params, self.w.model, self.w.mapper,
                                         self.mcfg, self.w.frozen, batch, key)
     return float(loss), world_lib.flatten(g)
@@ -132,6 +153,15 @@ class JaxTaskLoop:
     return loss, acc
 
   def loss_and_grads(self, batch, key):
+    """The outer loss and its gradients on ``batch``.
+
+    Args:
+      batch: [B, ...] task arrays.
+      key: the step's key (sampled pairs).
+
+    Returns:
+      (loss, flat gradients by parameter name).
+    """
     loss, g = self._grads(self.w.meta_params, self._tasks(batch),
                           jnp.asarray(batch["query/labels"]),
                           jnp.asarray(batch["query/mask"]), key)
@@ -163,7 +193,16 @@ def torch_version() -> str | None:
 
 
 def make_impls(w: world_lib.World, mcfg: meta.MetaConfig, names) -> dict[str, Any]:
-  """Instantiates the named implementations (torch ones only if torch imports)."""
+  """Instantiates the named implementations (torch ones only if torch imports).
+
+  Args:
+    w: the benchmark world.
+    mcfg: the meta config.
+    names: implementation names.
+
+  Returns:
+    name -> implementation.
+  """
   from emerflow_jax.bench import torch_impl  # pylint: disable=g-import-not-at-top
   classes = {c.name: c for c in (JaxVmapJit, JaxTaskLoop, torch_impl.TorchTaskLoop,
                                  torch_impl.TorchFuncVmap)}
@@ -179,6 +218,12 @@ def check_agreement(impls: dict[str, Any], batch: dict[str, np.ndarray],
   All of them compute one step on ``batch`` with the pairs drawn by ``key``.
   The error of a gradient leaf is max|a - b| / max|b| (relative to the
   leaf's scale, so that tiny entries cannot hide a wrong leaf).
+
+  Args:
+    impls: name -> implementation.
+    batch: [B, ...] task arrays.
+    tol: largest relative error allowed.
+    key: the step's key (default: ``world.step_key()``).
 
   Returns:
     {impl: worst relative error}.

@@ -231,7 +231,12 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-  """bench.png: tasks/s vs tasks per batch, log-log, one panel per T."""
+  """bench.png: tasks/s vs tasks per batch, log-log, one panel per T.
+
+  Args:
+    result: the benchmark's result dict.
+    path: the PNG written.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -261,7 +266,12 @@ def plot(result: dict, path: str) -> None:
 
 
 def write_reports(result: dict, workdir: str) -> None:
-  """Writes bench.json, bench.md and bench.png into ``workdir``."""
+  """Writes bench.json, bench.md and bench.png into ``workdir``.
+
+  Args:
+    result: the benchmark's result dict.
+    workdir: the output folder.
+  """
   from emerflow_jax import results  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   results.write_json_atomic(os.path.join(workdir, "bench.json"), result)

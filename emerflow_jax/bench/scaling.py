@@ -68,7 +68,16 @@ def scaling_main() -> None:
 
 def run_scaling(options: Any, config: ml_collections.ConfigDict,
                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-  """The sharded step on 1, 2, ... forced CPU devices, one subprocess each."""
+  """The sharded step on 1, 2, ... forced CPU devices, one subprocess each.
+
+  Args:
+    options: the benchmark's options (device counts, tasks).
+    config: the bench config.
+    log: where progress lines go.
+
+  Returns:
+    One result dict per device count.
+  """
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out = []
   for n in options.devices:

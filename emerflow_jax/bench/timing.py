@@ -75,7 +75,15 @@ def memory() -> dict[str, float]:
 
 
 def time_runs(run: Callable[[], None], repeats: int) -> list[float]:
-  """One warm-up call, then ``repeats`` timed calls (each synchronises)."""
+  """One warm-up call, then ``repeats`` timed calls (each synchronises).
+
+  Args:
+    run: the call timed (it blocks until done).
+    repeats: timed calls.
+
+  Returns:
+    [repeats] seconds per call.
+  """
   run()
   times = []
   for _ in range(repeats):
@@ -91,6 +99,16 @@ def time_impl(impl, world: world_lib.World, n_tasks: int, repeats: int,
 
   Python-loop implementations time at most ``loop_cap`` tasks per step and
   report that per-task throughput (their cost is linear in the tasks).
+
+  Args:
+    impl: the implementation.
+    world: the benchmark world.
+    n_tasks: tasks per step.
+    repeats: timed steps.
+    loop_cap: most tasks a Python loop times.
+
+  Returns:
+    The case's timings (compile s, tasks/s, ...).
   """
   measured = min(n_tasks, loop_cap) if impl.name in LOOP_IMPLS else n_tasks
   load = os.getloadavg()[0]
@@ -111,6 +129,15 @@ def time_adapt(world: world_lib.World, mcfg: meta.MetaConfig, n_items: int,
 
   Times ``meta.adapt_items`` (the jitted rule) and ``emerflow_meta.refine_items``
   (what a run calls: the rule sharded over all devices, with the transfers).
+
+  Args:
+    world: the benchmark world.
+    mcfg: the meta config.
+    n_items: items adapted.
+    repeats: timed calls.
+
+  Returns:
+    The timings of both calls.
   """
   b = world_lib.task_batch(world, n_items)
   rows = {k: jnp.asarray(b[f"support/{k}"][:, 0]) for k in ("users", "items", "labels",
@@ -190,6 +217,11 @@ def trace_ops(run: Callable[[], None], steps: int, kinds: dict[str, str]
               ) -> dict[str, Any]:
   """Runs ``steps`` steps under ``jax.profiler`` and sums op time by kind.
 
+  Args:
+    run: one step (it blocks until done).
+    steps: steps traced.
+    kinds: op-name substring -> kind.
+
   Returns:
     {"op_ms_per_step", "by_kind": {kind: ms per step}, "top_ops": [(name,
     kind, ms per step)]}: device ops on GPU, XLA thunks on CPU.
@@ -246,6 +278,15 @@ def profile_step(world: world_lib.World, mcfg: meta.MetaConfig, n_tasks: int,
   Times the outer loss without adaptation (T = 0), the outer loss, its
   gradient, the full step and the first-order step; reads XLA's cost analysis
   (FLOPs, bytes) of the step; and traces it to sum op time by kind.
+
+  Args:
+    world: the benchmark world.
+    mcfg: the meta config.
+    n_tasks: tasks per step.
+    repeats: timed calls of each piece.
+
+  Returns:
+    The breakdown dict.
   """
   batch = jax.device_put(world_lib.task_batch(world, n_tasks))
   key = world_lib.step_key()

@@ -230,6 +230,15 @@ class TorchTaskLoop(_Torch):
     return self.pooled(self.torch.stack(support), self.torch.stack(logits), qry, partners)
 
   def loss_and_grads(self, batch, key):
+    """The outer loss and its gradients on ``batch``.
+
+    Args:
+      batch: [B, ...] task arrays.
+      key: the step's key (sampled pairs).
+
+    Returns:
+      (loss, gradients by parameter name as numpy arrays).
+    """
     self.opt.zero_grad(set_to_none=False)
     loss = self._loss(self._t(batch), self._partners(batch, key))
     loss.backward()
@@ -268,6 +277,15 @@ class TorchFuncVmap(_Torch):
     return func.grad_and_value(batch_loss)(detached)
 
   def loss_and_grads(self, batch, key):
+    """The outer loss and its gradients on ``batch``.
+
+    Args:
+      batch: [B, ...] task arrays.
+      key: the step's key (sampled pairs).
+
+    Returns:
+      (loss, gradients by parameter name as numpy arrays).
+    """
     grads, loss = self._value_and_grads(self._t(batch), self._partners(batch, key))
     return float(loss), {k: v.detach().cpu().numpy() for k, v in grads.items()}
 
@@ -282,7 +300,17 @@ class TorchFuncVmap(_Torch):
 
 def choose_torch_threads(world: world_lib.World, mcfg: meta.MetaConfig, n_tasks: int,
                          repeats: int = 2) -> dict[str, Any]:
-  """Times torch_task_loop with 1 thread and with torch's default; keeps the faster."""
+  """Times torch_task_loop with 1 thread and with torch's default; keeps the faster.
+
+  Args:
+    world: the benchmark world.
+    mcfg: the meta config.
+    n_tasks: tasks per step.
+    repeats: timed steps per setting.
+
+  Returns:
+    The chosen thread count and both timings.
+  """
   import torch  # pylint: disable=g-import-not-at-top
   default = torch.get_num_threads()
   rates = {}

@@ -59,7 +59,15 @@ class World:
 
 
 def ml1m_like(shapes: Shapes, seed: int) -> dataset_lib.Dataset:
-  """A synthetic world whose fields have ML-1M's vocabularies and widths."""
+  """A synthetic world whose fields have ML-1M's vocabularies and widths.
+
+  Args:
+    shapes: the world's sizes.
+    seed: the generator seed.
+
+  Returns:
+    The dataset.
+  """
   rng = np.random.default_rng(seed + 1)
   counts = rng.integers(*shapes.rows_per_item, size=shapes.n_items)
   ds = synthetic.make_synthetic(n_users=shapes.n_users, item_counts=counts,
@@ -142,7 +150,15 @@ def make_world(shapes: Shapes, config: ml_collections.ConfigDict, n_tasks: int,
 
 
 def task_batch(world: World, n: int) -> dict[str, np.ndarray]:
-  """The first ``n`` tasks with ``task_mask`` (all real)."""
+  """The first ``n`` tasks with ``task_mask`` (all real).
+
+  Args:
+    world: the benchmark world.
+    n: tasks.
+
+  Returns:
+    [n, ...] task arrays.
+  """
   return tasks.pad_tasks({k: v[:n] for k, v in world.tasks.items()}, n)
 
 
@@ -154,7 +170,15 @@ def flatten(tree: Any) -> dict[str, np.ndarray]:
 
 
 def step_key(step: int = 0, rng: Any = None) -> jax.Array:
-  """The key ``meta.make_train_step`` draws sampled AUC pairs with at ``step``."""
+  """The key ``meta.make_train_step`` draws sampled AUC pairs with at ``step``.
+
+  Args:
+    step: the step index.
+    rng: raw key data of the train state (default zeros).
+
+  Returns:
+    The key.
+  """
   rng = jnp.zeros((2,), jnp.uint32) if rng is None else rng
   return jax.random.fold_in(jax.random.wrap_key_data(rng), step)
 
@@ -166,6 +190,14 @@ def auc_partners(mcfg: meta.MetaConfig, batch: dict[str, Any], key: jax.Array
   ``meta.batch_loss`` splits its key over the P phases and draws each
   phase's pairs over the pooled query rows; the PyTorch references take the
   same draws, so that every implementation computes the same step.
+
+  Args:
+    mcfg: the meta config.
+    batch: [B, ...] task arrays.
+    key: the step's key.
+
+  Returns:
+    The partners, or None.
   """
   if mcfg.outer_loss != "auc" or mcfg.auc_pairs <= 0:
     return None

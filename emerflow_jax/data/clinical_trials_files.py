@@ -140,7 +140,15 @@ def read_outcome_map(path: pathlib.Path) -> dict[str, int]:
 
 def read_iqvia(path: pathlib.Path, outcome_map: dict[str, int]
                ) -> dict[str, set[int]]:
-  """NCT id -> the set of its IQVIA labels (1, 0, -1) over all its rows."""
+  """NCT id -> the set of its IQVIA labels (1, 0, -1) over all its rows.
+
+  Args:
+    path: the IQVIA outcomes file.
+    outcome_map: IQVIA outcome text -> label (1, 0 or -1 for unknown).
+
+  Returns:
+    NCT id -> the set of its labels.
+  """
   out: dict[str, set[int]] = collections.defaultdict(set)
   for lineno, nct, value in _nct_values(path, lambda h: h == ["studyid", "trialOutcome"],
                                         "['studyid', 'trialOutcome']"):

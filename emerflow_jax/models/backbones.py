@@ -69,7 +69,18 @@ class Backbone(nn.Module):
 
 def make_backbone(kind: str, ds: dataset_lib.Dataset, dim: int = 16,
                   mlp: Sequence[int] = (16, 16), cross_layers: int = 2) -> Backbone:
-  """Builds the backbone for a dataset's fields (user fields first, then item)."""
+  """Builds the backbone for a dataset's fields (user fields first, then item).
+
+  Args:
+    kind: "deepfm", "widedeep", "dcn", "fm" or "emerg_gnn".
+    ds: the dataset (its fields).
+    dim: embedding dimension d.
+    mlp: hidden sizes of the deep part.
+    cross_layers: DCN cross layers.
+
+  Returns:
+    The backbone module.
+  """
   keys = [f"user/{f}" for f in ds.user_fields] + [f"item/{f}" for f in ds.item_fields]
   vocab = tuple((k, ds.vocab_sizes[k]) for k in keys)
   if kind == "emerg_gnn":  # EmerG's GNN (models/emerg_gnn.py); mlp/cross unused
@@ -88,13 +99,31 @@ def make_tables(ds: dataset_lib.Dataset) -> Tables:
 
 def gather_inputs(tables: Tables, users: jnp.ndarray,
                   items: jnp.ndarray) -> dict[str, jnp.ndarray]:
-  """Looks up every field for [B] user and item indices."""
+  """Looks up every field for [B] user and item indices.
+
+  Args:
+    tables: the feature tables.
+    users: [B] user indices.
+    items: [B] item indices.
+
+  Returns:
+    field name -> [B, width] codes.
+  """
   return {k: jnp.take(t, users if k.startswith("user/") else items, axis=0)
           for k, t in tables.items()}
 
 
 def init_params(model: Backbone, tables: Tables, key: jax.Array) -> Any:
-  """Initialises backbone parameters from a dummy batch of two rows."""
+  """Initialises backbone parameters from a dummy batch of two rows.
+
+  Args:
+    model: the backbone.
+    tables: its feature tables.
+    key: PRNG key.
+
+  Returns:
+    The parameters.
+  """
   idx = jnp.zeros((2,), jnp.int32)
   return model.init(key, gather_inputs(tables, idx, idx))
 
@@ -212,7 +241,16 @@ def _item_slot(model: Backbone) -> tuple[int, int]:
 
 def bce_loss(logits: jnp.ndarray, labels: jnp.ndarray,
              mask: jnp.ndarray | None = None) -> jnp.ndarray:
-  """Mean binary cross-entropy over the rows where mask is 1."""
+  """Mean binary cross-entropy over the rows where mask is 1.
+
+  Args:
+    logits: [...] logits.
+    labels: [...] 0/1 labels.
+    mask: [...] 1 for real rows, or None.
+
+  Returns:
+    [] the mean loss.
+  """
   per_row = optax.sigmoid_binary_cross_entropy(logits, labels)
   if mask is None:
     return per_row.mean()
@@ -226,5 +264,13 @@ def item_embedding_table(params: Any) -> jnp.ndarray:
 
 
 def item_ids(tables: Tables, items: np.ndarray | jnp.ndarray) -> jnp.ndarray:
-  """Item-ID codes (rows of the item embedding table) of item indices."""
+  """Item-ID codes (rows of the item embedding table) of item indices.
+
+  Args:
+    tables: the feature tables.
+    items: item indices of any shape.
+
+  Returns:
+    Their item-ID codes, of the same shape.
+  """
   return jnp.take(tables[ITEM_ID], items, axis=0)

@@ -157,7 +157,15 @@ class EmerGGNN(nn.Module):
 
 def split_item_input(model: EmerGGNN, item_emb: jnp.ndarray | None
                      ) -> tuple[jnp.ndarray | None, jnp.ndarray | None]:
-  """(ID embedding [B, d] or None, graphs [B, L, F, F] or None) of ``item_emb``."""
+  """(ID embedding [B, d] or None, graphs [B, L, F, F] or None) of ``item_emb``.
+
+  Args:
+    model: the EmerG GNN.
+    item_emb: [B, d + L*F*F] representations, or None.
+
+  Returns:
+    (ID embeddings, graphs).
+  """
   if item_emb is None:
     return None, None
   width, d = item_emb.shape[-1], model.dim
@@ -191,5 +199,13 @@ def global_graph(params: Any) -> jnp.ndarray:
 
 
 def make(vocab_sizes: Sequence[tuple[str, int]], dim: int = 16) -> EmerGGNN:
-  """The backbone for ``backbones.make_backbone(KIND, ...)``."""
+  """The backbone for ``backbones.make_backbone(KIND, ...)``.
+
+  Args:
+    vocab_sizes: (field, vocabulary size) per field.
+    dim: embedding dimension d.
+
+  Returns:
+    The EmerG GNN module.
+  """
   return EmerGGNN(vocab_sizes=tuple(vocab_sizes), dim=dim)

@@ -45,6 +45,16 @@ def item_logits(model: backbones.Backbone, params: Any, tables: backbones.Tables
   """Logits [R] of one item's rows scored with embedding ``emb`` [d].
 
   ``rows`` are raw ({"users", "items", ...}) or ``prepare``d ({"prep", ...}).
+
+  Args:
+    model: the backbone module.
+    params: its parameters.
+    tables: its feature tables.
+    emb: [d] the item embedding.
+    rows: the item's rows, each [R] (raw or prepared).
+
+  Returns:
+    [R] logits.
   """
   if "prep" in rows:
     return backbones.score_prepared(model, params, tables, rows["prep"], emb)
