@@ -1,40 +1,27 @@
 """meta.choose_step_scale: the rule's step size rescaled by CV over each item's own rows."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from emerflow_jax import meta
-from emerflow_jax.data import synthetic
-from emerflow_jax.models import backbones, scoring
+from emerflow_jax.models import scoring
+
+import test_posterior
 
 SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 CFG = meta.MetaConfig(inner_steps=4, rule="adam", phase_alpha=False)
 
 
 def _world(n_items=40, k=9, offset=0.0, seed=0):
-  """A frozen backbone, rows drawn from true item embeddings, and starting
-  embeddings ``offset`` away from the truth in a random direction per item."""
-  ds = synthetic.make_synthetic(n_users=60, n_items=n_items, mean_count=20, seed=seed)
-  model = backbones.make_backbone("deepfm", ds, dim=8, mlp=(8,))
-  tables = backbones.make_tables(ds)
-  params = backbones.init_params(model, tables, jax.random.key(seed))
-  rng = np.random.default_rng(seed)
-  true = jnp.asarray(2.0 * rng.normal(size=(n_items, 8)), jnp.float32)
-  users = jnp.asarray(rng.integers(0, ds.n_users, size=(n_items, k)), jnp.int32)
-  items = jnp.repeat(jnp.arange(n_items, dtype=jnp.int32)[:, None], k, 1)
-  raw = {"users": users, "items": items}
-  logits = jax.vmap(scoring.item_logits, in_axes=(None, None, None, 0, 0))(
-      model, params, tables, true, raw)
-  labels = (rng.random(size=(n_items, k)) < np.asarray(jax.nn.sigmoid(logits))).astype(
-      np.float32)
-  batch = dict(raw, labels=jnp.asarray(labels), mask=jnp.ones((n_items, k), jnp.float32))
-  direction = rng.normal(size=(n_items, 8))
+  """``test_posterior``'s world (a frozen backbone, rows drawn from true item
+  embeddings), with starting embeddings ``offset`` away from the truth in a
+  random direction per item."""
+  model, params, tables, true, _, batch = test_posterior._pool_world(n_items, k, seed=seed)
+  direction = np.random.default_rng(seed + 1).normal(size=(n_items, 8))
   direction /= np.linalg.norm(direction, axis=1, keepdims=True)
   emb = true + offset * jnp.asarray(direction, jnp.float32)
-  frozen = {"params": params, "tables": tables}
-  return model, frozen, emb, batch
+  return model, {"params": params, "tables": tables}, emb, batch
 
 
 def _choose(model, frozen, emb, batch, alpha, folds=3):
