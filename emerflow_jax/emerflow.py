@@ -396,6 +396,7 @@ class EmerFlow(methods.Method):
       (new embeddings [n, d], the unchanged state).
     """
     g = ctx.config.regen
+    rows = {k: jnp.asarray(v) for k, v in batch.items()}
     if int(g.pool_steps) > 0:
       prior = jnp.zeros((len(items), 0), emb.dtype)
       if g.pool_prior:
@@ -403,8 +404,7 @@ class EmerFlow(methods.Method):
       lambdas = posterior.POOL_LAMBDAS if not g.pool_lam else (float(g.pool_lam),)
       emb, lam = posterior.pooled_correction(
           ctx.model, ctx.params, ctx.tables, emb, prior,
-          {k: jnp.asarray(v) for k, v in batch.items()},
-          jax.random.fold_in(ctx.key, POOL_SALT + phase), steps=int(g.pool_steps),
+          rows, jax.random.fold_in(ctx.key, POOL_SALT + phase), steps=int(g.pool_steps),
           lr=float(g.pool_lr), lambdas=jnp.asarray(lambdas, jnp.float32),
           folds=int(g.pool_folds))
       logging.info("regen: pooled correction, phase %d, penalty %s", phase, float(lam))
@@ -416,7 +416,7 @@ class EmerFlow(methods.Method):
       if g.step_scales and protocol.WARM_PHASES[phase][-1] in g.scale_phases:
         scale, gains = meta.choose_step_scale(
             params, ctx.model, mcfg, state["frozen"], emb,
-            {k: jnp.asarray(v) for k, v in batch.items()}, jnp.asarray(phase, jnp.int32),
+            rows, jnp.asarray(phase, jnp.int32),
             jnp.asarray(g.step_scales, jnp.float32), folds=int(g.scale_folds))
         logging.info("regen: step size x%g, phase %d (held-out gains %s)", float(scale),
                      phase, np.round(np.asarray(gains), 2).tolist())
