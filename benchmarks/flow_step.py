@@ -32,7 +32,7 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from emerflow_jax import align, meta, protocol, tasks
+from emerflow_jax import align, meta, protocol, rule, tasks
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 
@@ -49,7 +49,7 @@ def world(n_tasks: int, seed: int = 0):
   frozen = {"params": params, "tables": tables, "r": jnp.asarray(r)}
   mapper = align.Mapper(out_dim=16, hidden=(64,))
   phi = mapper.init(jax.random.key(1), frozen["r"][:2])
-  meta_params = {"phi": phi, "log_alpha": meta.init_alpha(1e-2, "scalar", 16, 3)}
+  meta_params = {"phi": phi, "log_alpha": rule.init_alpha(1e-2, "scalar", 16, 3)}
   all_tasks = tasks.build_flow_tasks(ds, split, 10, 40, np.random.default_rng(seed))
   pick = np.resize(np.arange(len(all_tasks["item"])), n_tasks)
   batch = tasks.pad_tasks({k: v[pick] for k, v in all_tasks.items()}, n_tasks)

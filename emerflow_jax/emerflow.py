@@ -22,7 +22,7 @@ says it helps (``posterior.pooled_correction``).  With ``regen.step_scales``
 (default 1/8 ... 8) in the phases of ``regen.scale_phases`` (default warm_a
 only), the rule's learned step size is then multiplied by the factor that
 scores the new items' own phase rows best under row-fold CV
-(``meta.choose_step_scale``; 1 unless another factor is clearly better): the
+(``rule.choose_step_scale``; 1 unless another factor is clearly better): the
 step size was learned on old items, and a new population may need larger or
 smaller moves.  Run in every phase, it raised validation AUC at warm_a and
 lowered it at warm_b and warm_c (summed over 5 datasets and 10 splits).  After the rule, with
@@ -32,17 +32,8 @@ keep 0.8 on ML-100K).
 Both the meta-training step and the warm-up rule split their task/item axis
 over every device (``sharding.task_mesh``); one device is the trivial case.
 
-Which ``meta`` options combine (anything else raises in ``plan``):
-
-- where meta-tasks come from: old items of the main backbone (default when
-  ``rule_holdout = holdout_fraction = 0``; ``crossfit_folds > 1`` then starts
-  them from out-of-fold mapper outputs), items held out of main's pretraining
-  (``holdout_fraction > 0``), or items held out of an auxiliary backbone
-  (``rule_holdout > 0``, the default; only ``emerflow_meta.RULE_PARAMS`` carry over, so
-  ``train_init`` must be off);
-- ``phase_alpha`` needs ``tasks="flow"``; ``cold_in_outer`` needs
-  ``learn_shrink`` (nothing else changes the cold phase);
-- ``support_rows`` is read by chunk tasks only (flow tasks use ``data.k``).
+Which ``meta`` and ``regen`` options combine: ``emerflow_options`` (anything
+else raises in ``plan``).
 
 Ablations: ``emerflow_no_llm`` (r_i from the raw-feature text only),
 ``emerflow_no_align`` (meta-learning from one learned shared init, no mapper),
@@ -63,7 +54,8 @@ import ml_collections
 import numpy as np
 
 from emerflow_jax import (align, align_diagnostics, checkpoint, closedform, curves,
-                          emerflow_meta, meta, methods, posterior, protocol, tasks)
+                         emerflow_meta, emerflow_options, meta, methods, posterior, protocol,
+                          rule, tasks)
 
 
 # Config sections each stage reads (their cache keys cover exactly these,
@@ -72,45 +64,6 @@ ALIGN_SECTIONS = ("enrich", "align")
 # Added to the phase index to draw the pooled correction's item folds.
 POOL_SALT = 1000
 META_SECTIONS = ("enrich", "align", "meta")
-
-
-def regen_keep(config: ml_collections.ConfigDict) -> tuple[float, float, float]:
-  """Per warm phase, the share of an item's adapted embedding kept (``regen``)."""
-  keep = tuple(float(config.regen[f"keep_{p[-1]}"]) for p in protocol.WARM_PHASES)
-  if not all(0.0 <= k <= 1.0 for k in keep):
-    raise ValueError(f"regen.keep_* must be in [0, 1], got {keep}")
-  return keep
-
-
-def _check_meta_options(config: ml_collections.ConfigDict) -> None:
-  """Raises on option combinations where an option would have no effect."""
-  m = config.meta
-  if m.rule_holdout > 0 and m.train_init:
-    raise ValueError("meta.rule_holdout > 0 learns the rule on an auxiliary backbone "
-                     "and transfers only the step sizes; it needs meta.train_init=False")
-  if m.rule_epochs and not m.rule_holdout > 0:
-    raise ValueError("meta.rule_epochs sets the auxiliary backbone's pretraining, which "
-                     "exists only with meta.rule_holdout > 0")
-  if m.crossfit_folds > 1 and (m.rule_holdout > 0 or m.holdout_fraction > 0):
-    raise ValueError("meta.crossfit_folds > 1 starts meta-tasks from out-of-fold mapper "
-                     "outputs of in-sample items; with meta.rule_holdout or "
-                     "meta.holdout_fraction > 0 the tasks are held out already and it "
-                     "would have no effect: set meta.crossfit_folds=1")
-  if m.cold_in_outer and not m.learn_shrink:
-    raise ValueError("meta.cold_in_outer scores the cold phase, which only "
-                     "meta.learn_shrink can change: set learn_shrink=True or turn it off")
-  if m.phase_alpha and m.tasks != "flow":
-    raise ValueError("meta.phase_alpha needs meta.tasks='flow'")
-  g = config.regen
-  scales = tuple(float(s) for s in g.step_scales)
-  if scales and (1.0 not in scales or min(scales) <= 0 or len(scales) < 2):
-    raise ValueError("regen.step_scales are factors of the learned step size compared "
-                     f"with 1: they must be positive and hold 1.0 and another, got {scales} "
-                     "(() turns the CV off)")
-  if not set(str(g.scale_phases)) <= set("abc"):
-    raise ValueError(f"regen.scale_phases takes letters of 'abc', got {g.scale_phases!r}")
-  if scales and int(g.scale_folds) < 2:
-    raise ValueError(f"regen.scale_folds must be at least 2, got {g.scale_folds}")
 
 
 def _closed_form_curves(writer: Any, info: dict[str, Any]) -> None:
@@ -145,7 +98,7 @@ class EmerFlow(methods.Method):
     if self.use_align:
       align.check_options(config.align)
     if self.use_meta:
-      _check_meta_options(config)
+      emerflow_options.check(config)
       if m.holdout_fraction > 0:
         specs = [methods.BackboneSpec(leave_out=float(m.holdout_fraction), carve_salt=7919)]
       if m.rule_holdout > 0:
@@ -197,7 +150,7 @@ class EmerFlow(methods.Method):
     if side is not None:
       frozen["side"] = side
     dim = ctx.dim
-    alpha = meta.init_alpha(float(cfg.meta.alpha), cfg.meta.alpha_mode, dim,
+    alpha = rule.init_alpha(float(cfg.meta.alpha), cfg.meta.alpha_mode, dim,
                             len(protocol.WARM_PHASES) if cfg.meta.phase_alpha else 0)
     mapper, align_report = None, None
     meta_frozen = frozen
@@ -232,7 +185,7 @@ class EmerFlow(methods.Method):
 
   def _regen_state(self, ctx: methods.Context, r: np.ndarray) -> dict[str, Any] | None:
     """What ``posterior.regenerate`` needs after each phase (None when off)."""
-    keep = regen_keep(ctx.config)
+    keep = emerflow_options.regen_keep(ctx.config)
     if not self.use_align or all(k >= 1.0 for k in keep):
       return None
     r_old = jnp.asarray(r[ctx.split.old_items])
@@ -257,22 +210,22 @@ class EmerFlow(methods.Method):
     actx = dataclasses.replace(ctx, split=aux.split, backbones={"main": aux})
     frozen = {"params": aux.params, "tables": ctx.tables, "r": jnp.asarray(r),
               "center": jnp.mean(actx.old_item_embeddings(), 0)}
-    rule = {k: v for k, v in init.items() if k in emerflow_meta.RULE_PARAMS}
+    rule_params = {k: v for k, v in init.items() if k in emerflow_meta.RULE_PARAMS}
     side = None
     if ctx.config.align.use_fields:
       side = align.item_side_embeddings(aux.params, ctx.tables, jnp.arange(ctx.ds.n_items))
       frozen["side"] = side
     if mapper is not None:
       phi, _ = self._align(actx, mapper, r, side, aux.split.old_items, "rule-align", 2)
-      params = dict(rule, phi=phi)
+      params = dict(rule_params, phi=phi)
     else:
-      params = dict(rule, e0=jnp.mean(actx.old_item_embeddings(), 0))
+      params = dict(rule_params, e0=jnp.mean(actx.old_item_embeddings(), 0))
     logging.info("meta: learning the rule on %d items held out of an auxiliary backbone",
                  len(aux.held))
     learned = emerflow_meta.run_meta_training(actx, mapper, params, frozen,
                                               actx.stage_dir("rule-meta", META_SECTIONS),
                                               aux.held)
-    return {k: learned[k] for k in rule}
+    return {k: learned[k] for k in rule_params}
 
   def _align(self, ctx: methods.Context, mapper: align.Mapper, r: np.ndarray,
              side: jnp.ndarray | None, items: np.ndarray, name: str,
@@ -414,13 +367,13 @@ class EmerFlow(methods.Method):
       mcfg = emerflow_meta.meta_config(ctx.config)
       params = state["params"]
       if g.step_scales and protocol.WARM_PHASES[phase][-1] in g.scale_phases:
-        scale, gains = meta.choose_step_scale(
+        scale, gains = rule.choose_step_scale(
             params, ctx.model, mcfg, state["frozen"], emb,
             rows, jnp.asarray(phase, jnp.int32),
             jnp.asarray(g.step_scales, jnp.float32), folds=int(g.scale_folds))
         logging.info("regen: step size x%g, phase %d (held-out gains %s)", float(scale),
                      phase, np.round(np.asarray(gains), 2).tolist())
-        params = meta.scaled(params, scale)
+        params = rule.scaled(params, scale)
       emb = emerflow_meta.refine_items(params, ctx.model, mcfg, state["frozen"], emb, batch,
                                        phase=phase)
     g = state.get("regen")

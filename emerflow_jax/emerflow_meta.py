@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from emerflow_jax import align, checkpoint, curves, meta, methods, protocol, sharding, tasks
+from emerflow_jax import (align, checkpoint, curves, meta, methods, protocol, rule,
+                         sharding, tasks)
 
 
 def meta_config(cfg: ml_collections.ConfigDict) -> meta.MetaConfig:
@@ -198,7 +199,7 @@ def _epoch_summary(logs: list[dict[str, jnp.ndarray]],
   here.  One compiled program, not a dispatch per metric.
   """
   out = {k: jnp.mean(jnp.stack([m[k] for m in logs])) for k in logs[0]}
-  out["alpha"] = meta.step_size(state["params"])
+  out["alpha"] = rule.step_size(state["params"])
   out["step"] = state["step"] + 0
   if "shrink" in state["params"]:
     out["shrink"] = state["params"]["shrink"] + 0.0
@@ -231,7 +232,7 @@ def _log_epochs(ctx: methods.Context, ckpt_dir: pathlib.Path, mcfg: meta.MetaCon
 def refine_items(meta_params: dict[str, Any], model, mcfg: meta.MetaConfig,
                  frozen: dict[str, Any], emb: jnp.ndarray, batch: dict[str, Any],
                  mesh: jax.sharding.Mesh | None = None, phase: int = 0) -> jnp.ndarray:
-  """``meta.adapt_items`` with the item axis split over ``mesh`` (default: all).
+  """``rule.adapt_items`` with the item axis split over ``mesh`` (default: all).
 
   Args:
     meta_params: holds the learned ``log_alpha``.
@@ -251,6 +252,6 @@ def refine_items(meta_params: dict[str, Any], model, mcfg: meta.MetaConfig,
   rows = {k: batch[k] for k in ("users", "items", "labels", "mask")}
   emb_s, rows_s = sharding.shard_tasks((emb, rows), mesh)
   params_r, frozen_r = sharding.replicate((meta_params, frozen), mesh)
-  out = meta.adapt_items(params_r, model, mcfg, frozen_r, emb_s, rows_s,
+  out = rule.adapt_items(params_r, model, mcfg, frozen_r, emb_s, rows_s,
                          jnp.asarray(phase, jnp.int32))
   return jnp.asarray(sharding.gather(out)[:n])

@@ -5,7 +5,7 @@ Two rules, both applied to all items at once (vmapped over the item axis):
 * ``finetune``: a few full-batch Adam steps on the item embeddings only, each
   item driven by its own phase rows.  This is the shared refinement every
   baseline ends in (the CVAR code base's warm-up, made batched).
-* ``adapt_items``: EmerFlow's meta-learned rule ``meta.adapt`` (T steps of
+* ``adapt_items``: EmerFlow's meta-learned rule ``rule.adapt`` (T steps of
   ``e <- e - alpha * grad``) vmapped over items.
 
 Only item embeddings change.  warm_a starts from the cold embedding, warm_b and

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from emerflow_jax import sharding
+from emerflow_jax import rule, sharding
 
 # The session's XLA_FLAGS (conftest.py sets a fast-compile level), kept in children.
 _SESSION_FLAGS = os.environ.get("XLA_FLAGS", "")
@@ -50,7 +50,7 @@ def _checks(workdir: str, out_file: str) -> None:
   config.meta.batch_tasks = 6
   config.meta.inner_steps = 2
   assert config.meta.tasks == "flow" and config.meta.outer_loss == "auc"
-  init = dict(meta_params, log_alpha=meta.init_alpha(
+  init = dict(meta_params, log_alpha=rule.init_alpha(
       0.5, "per_dim", 4, len(protocol.WARM_PHASES)))
   # The same folder for every process: Orbax writes the checkpoint together.
   ctx = methods.context_for(config, ds, split, model, frozen["tables"],

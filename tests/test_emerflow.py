@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from emerflow_jax import emerflow, methods, pretrain, protocol, tasks, train
+from emerflow_jax import emerflow, methods, pretrain, protocol, rule, tasks, train
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 from experiments.configs import synthetic as synthetic_config
@@ -76,9 +76,9 @@ def _with_rule_backbone(ctx, leave_out=0.4):
   aux_params = pretrain.pretrain_backbone(
       ctx.model, ctx.tables, tasks.pack_flat(ctx.ds, aux_split.base_rows),
       jax.random.key(5), epochs=1, batch_size=64, lr=1e-2, ckpt_dir=ctx.workdir / "aux")
-  rule = methods.Pretrained(params=aux_params, split=aux_split, held=held.items,
-                            key="aux")
-  return dataclasses.replace(ctx, backbones=dict(ctx.backbones, rule=rule))
+  aux_bb = methods.Pretrained(params=aux_params, split=aux_split, held=held.items,
+                              key="aux")
+  return dataclasses.replace(ctx, backbones=dict(ctx.backbones, rule=aux_bb))
 
 
 def test_rule_learned_on_an_auxiliary_backbone_carries_only_the_step_sizes(tmp_path):
@@ -212,12 +212,12 @@ def test_refine_rescales_the_rule_by_the_factor_the_row_cv_chooses(tmp_path):
   batch = tasks.pack_phase(ctx.ds, s.warm_rows["warm_a"])
   got, _ = method.refine(ctx, state, emb, batch, s.emerging_items, 0)
   mcfg = emerflow_meta.meta_config(ctx.config)
-  scale, _ = meta.choose_step_scale(
+  scale, _ = rule.choose_step_scale(
       state["params"], ctx.model, mcfg, state["frozen"], emb,
       {k: jax.numpy.asarray(v) for k, v in batch.items()}, 0,
       jax.numpy.asarray(ctx.config.regen.step_scales, jax.numpy.float32),
       folds=int(ctx.config.regen.scale_folds))
-  want = emerflow_meta.refine_items(meta.scaled(state["params"], scale), ctx.model, mcfg,
+  want = emerflow_meta.refine_items(rule.scaled(state["params"], scale), ctx.model, mcfg,
                                     state["frozen"], emb, batch, phase=0)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   ctx.config.regen.step_scales = ()

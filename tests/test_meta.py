@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from emerflow_jax import align, meta, protocol, tasks
+from emerflow_jax import align, meta, protocol, rule, tasks
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones, scoring
 
@@ -30,7 +30,7 @@ def world():
   frozen = {"params": params, "tables": tables, "r": jnp.asarray(r)}
   mapper = align.Mapper(out_dim=4, hidden=(8,))
   phi = mapper.init(jax.random.key(1), frozen["r"][:2])
-  meta_params = {"phi": phi, "log_alpha": meta.init_alpha(0.5, "per_dim", 4)}
+  meta_params = {"phi": phi, "log_alpha": rule.init_alpha(0.5, "per_dim", 4)}
   all_tasks = tasks.build_meta_tasks(ds, split, 4, 6, np.random.default_rng(0))
   batch = tasks.pad_tasks({k: v[:6] for k, v in all_tasks.items()}, 8)
   return dict(ds=ds, split=split, model=model, frozen=frozen, mapper=mapper,
@@ -87,7 +87,7 @@ def test_adapt_gradient_matches_finite_differences(world):
 
   @jax.jit
   def outer(alpha, e0):
-    return loss_fn(meta.adapt(loss_fn, e0, sup, alpha, steps=3), qry)
+    return loss_fn(rule.adapt(loss_fn, e0, sup, alpha, steps=3), qry)
 
   alpha = jnp.full((4,), 0.7)
   g_alpha, g_e0 = jax.grad(outer, argnums=(0, 1))(alpha, e0)
@@ -156,11 +156,11 @@ def test_adapt_items_equals_per_item_adapt(world):
   n = batch["users"].shape[0]
   emb = jax.random.normal(jax.random.key(2), (n, 4)) * 0.1
   fr = world["frozen"]
-  out = meta.adapt_items(world["meta_params"], world["model"], cfg, fr, emb, batch)
+  out = rule.adapt_items(world["meta_params"], world["model"], cfg, fr, emb, batch)
   loss_fn = functools.partial(scoring.item_loss, world["model"], fr["params"], fr["tables"])
   for i in range(n):
     rows = {k: v[i] for k, v in batch.items()}
-    e = meta.adapt(loss_fn, emb[i], rows, meta.step_size(world["meta_params"]), 3)
+    e = rule.adapt(loss_fn, emb[i], rows, rule.step_size(world["meta_params"]), 3)
     # Entries reach |e| ~ 40 here: float32 rounding (batched against
     # unbatched, the prepared rows against the full forward pass) is ~1e-6
     # of that scale.

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emerflow_jax import meta, rank_loss, tasks
+from emerflow_jax import meta, rank_loss, rule, tasks
 from emerflow_jax.models import scoring
 
 from test_meta import _garble_padding, _jit_value_and_grad, _one_task, world  # pylint: disable=unused-import
@@ -58,10 +58,10 @@ def test_flow_task_is_phases_in_sequence_with_their_own_step_sizes(world, flow):
                                  for k in ("users", "items", "labels", "mask")}
   e = meta.cold_embedding(flow["meta_params"], world["mapper"], fr, task["item"])
   l0 = loss_fn(e, rows("support", 0))
-  alphas = meta.step_size(flow["meta_params"])
+  alphas = rule.step_size(flow["meta_params"])
   q = []
   for p in range(3):
-    e = meta.adapt(loss_fn, e, rows("support", p), alphas[p], 2, rule="adam")
+    e = rule.adapt(loss_fn, e, rows("support", p), alphas[p], 2, rule="adam")
     q.append(loss_fn(e, rows("query")))
   want = 0.3 * l0 + 0.7 * np.mean(q)
   got, aux = meta.task_loss(flow["meta_params"], world["model"], world["mapper"], cfg, fr,
@@ -226,16 +226,16 @@ def test_adapt_items_uses_the_step_size_of_its_phase(world, flow):
   emb = jax.random.normal(jax.random.key(2), (batch["users"].shape[0], 4)) * 0.1
   fr = world["frozen"]
   shared = dict(flow["meta_params"], log_alpha=flow["meta_params"]["log_alpha"][1])
-  want = meta.adapt_items(shared, world["model"], meta.MetaConfig(inner_steps=3, rule="adam"),
+  want = rule.adapt_items(shared, world["model"], meta.MetaConfig(inner_steps=3, rule="adam"),
                           fr, emb, batch)
-  got = meta.adapt_items(flow["meta_params"], world["model"], cfg, fr, emb, batch, 1)
+  got = rule.adapt_items(flow["meta_params"], world["model"], cfg, fr, emb, batch, 1)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-  other = meta.adapt_items(flow["meta_params"], world["model"], cfg, fr, emb, batch, 2)
+  other = rule.adapt_items(flow["meta_params"], world["model"], cfg, fr, emb, batch, 2)
   assert not np.allclose(other, want)
-  assert meta.adapt_items._cache_size() >= 1
-  n = meta.adapt_items._cache_size()
-  meta.adapt_items(flow["meta_params"], world["model"], cfg, fr, emb, batch, 0)
-  assert meta.adapt_items._cache_size() == n  # the phase is traced, not static
+  assert rule.adapt_items._cache_size() >= 1
+  n = rule.adapt_items._cache_size()
+  rule.adapt_items(flow["meta_params"], world["model"], cfg, fr, emb, batch, 0)
+  assert rule.adapt_items._cache_size() == n  # the phase is traced, not static
 
 
 def test_cold_phase_joins_the_outer_average(world, flow):

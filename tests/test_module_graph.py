@@ -17,7 +17,7 @@ LAYERS = (
     ("protocol", ("protocol", "tasks")),
     ("backbone", ("models", "pretrain")),
     ("align", ("align", "closedform", "prior")),
-    ("meta", ("meta", "rank_loss")),
+    ("meta", ("meta", "rule", "rank_loss")),
     ("warm-up", ("warmup", "posterior")),
     ("metrics", ("metrics", "results", "stats", "align_diagnostics")),
 )

@@ -17,7 +17,8 @@ import numpy as np
 import optax
 import pytest
 
-from emerflow_jax import align, emerflow_meta, meta, methods, protocol, sharding, tasks
+from emerflow_jax import (align, emerflow_meta, meta, methods, protocol, rule, sharding,
+                         tasks)
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 
@@ -86,7 +87,7 @@ def _world():
   frozen = {"params": params, "tables": tables, "r": jnp.asarray(r)}
   mapper = align.Mapper(out_dim=4, hidden=(8,))
   phi = _random_init(lambda k: mapper.init(k, frozen["r"][:2]), 1, 0.3)
-  meta_params = {"phi": phi, "log_alpha": meta.init_alpha(0.5, "per_dim", 4)}
+  meta_params = {"phi": phi, "log_alpha": rule.init_alpha(0.5, "per_dim", 4)}
   return ds, split, model, frozen, mapper, meta_params
 
 
@@ -135,7 +136,7 @@ def _four_device_checks(workdir: str) -> dict:
   items = split.emerging_items[:7]
   phase = tasks.pack_phase(ds, split.warm_rows["warm_a"][:7])
   emb = meta.cold_embedding(meta_params, mapper, frozen, jnp.asarray(items))
-  plain = meta.adapt_items(meta_params, model, cfg, frozen, emb,
+  plain = rule.adapt_items(meta_params, model, cfg, frozen, emb,
                            {k: jnp.asarray(v) for k, v in phase.items()})
   sharded = emerflow_meta.refine_items(meta_params, model, cfg, frozen, emb, phase, four)
   out["adapt_shape_ok"] = sharded.shape == plain.shape
@@ -150,7 +151,7 @@ def _four_device_checks(workdir: str) -> dict:
   # The default run: flow tasks, one step size per phase, the pooled pairwise
   # loss (a reduction over every device's tasks).
   assert config.meta.tasks == "flow" and config.meta.outer_loss == "auc"
-  flow_params = dict(meta_params, log_alpha=meta.init_alpha(
+  flow_params = dict(meta_params, log_alpha=rule.init_alpha(
       0.5, "per_dim", 4, len(protocol.WARM_PHASES)))
   trained = {}
   for name, mesh in (("one", one), ("four", four)):

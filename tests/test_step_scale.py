@@ -1,10 +1,10 @@
-"""meta.choose_step_scale: the rule's step size rescaled by CV over each item's own rows."""
+"""rule.choose_step_scale: the rule's step size rescaled by CV over each item's own rows."""
 
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from emerflow_jax import meta
+from emerflow_jax import meta, rule
 from emerflow_jax.models import scoring
 
 import test_posterior
@@ -26,7 +26,7 @@ def _world(n_items=40, k=9, offset=0.0, seed=0):
 
 def _choose(model, frozen, emb, batch, alpha, folds=3):
   mp = {"log_alpha": jnp.log(jnp.asarray(alpha, jnp.float32))}
-  return meta.choose_step_scale(mp, model, CFG, frozen, emb, batch, 0,
+  return rule.choose_step_scale(mp, model, CFG, frozen, emb, batch, 0,
                                 jnp.asarray(SCALES, jnp.float32), folds=folds)
 
 
@@ -44,7 +44,7 @@ def test_the_vmapped_cv_equals_a_loop_over_scales_folds_and_items():
         held = valid[np.arange(len(valid)) % folds == f]       # the item's j-th row: fold j % F
         sup = np.setdiff1d(valid, held)
         rows = {k: batch[k][i, sup] for k in ("users", "items", "labels", "mask")}
-        e = meta.adapt(loss_fn, emb[i], rows, jnp.asarray(s * alpha), CFG.inner_steps,
+        e = rule.adapt(loss_fn, emb[i], rows, jnp.asarray(s * alpha), CFG.inner_steps,
                        rule="adam")
         logits = scoring.item_logits(model, frozen["params"], frozen["tables"], e,
                                      {k: batch[k][i, held] for k in ("users", "items")})
@@ -79,6 +79,6 @@ def test_padded_rows_change_nothing_wherever_they_sit():
 
 def test_scaled_multiplies_every_step_size():
   mp = {"log_alpha": jnp.log(jnp.asarray([0.01, 0.02])), "other": 1}
-  out = meta.scaled(mp, jnp.asarray(4.0))
+  out = rule.scaled(mp, jnp.asarray(4.0))
   np.testing.assert_allclose(np.exp(np.asarray(out["log_alpha"])), [0.04, 0.08], rtol=1e-6)
   assert out["other"] == 1 and np.allclose(np.exp(mp["log_alpha"]), [0.01, 0.02])

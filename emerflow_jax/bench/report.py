@@ -205,7 +205,7 @@ def markdown(result: dict) -> str:
                  f"{s['tasks_per_s'] / s0:.2f}x | {s['compile_s']:.1f} | {s['load1']:.1f} |")
   if result.get("adapt"):
     out += ["", f"## Adaptation only (one warm-up phase) on {dev}", "",
-            "`meta.adapt_items` (the jitted rule) and `emerflow_meta.refine_items` (what a run "
+            "`rule.adapt_items` (the jitted rule) and `emerflow_meta.refine_items` (what a run "
             "calls: the rule sharded over all devices, with host transfers), K = "
             f"{result['k']} rows per item.", "",
             "| items | T | adapt_items items/s | refine_items items/s | compile s |",

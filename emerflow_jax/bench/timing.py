@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emerflow_jax import emerflow_meta, meta
+from emerflow_jax import emerflow_meta, meta, rule
 from emerflow_jax.bench import jax_impl
 from emerflow_jax.bench import world as world_lib
 
@@ -127,7 +127,7 @@ def time_adapt(world: world_lib.World, mcfg: meta.MetaConfig, n_items: int,
                repeats: int) -> dict[str, Any]:
   """A warm-up phase over ``n_items`` items (K support rows each).
 
-  Times ``meta.adapt_items`` (the jitted rule) and ``emerflow_meta.refine_items``
+  Times ``rule.adapt_items`` (the jitted rule) and ``emerflow_meta.refine_items``
   (what a run calls: the rule sharded over all devices, with the transfers).
 
   Args:
@@ -146,7 +146,7 @@ def time_adapt(world: world_lib.World, mcfg: meta.MetaConfig, n_items: int,
                             jnp.asarray(b["item"]))
   args = (world.meta_params, world.model, mcfg, world.frozen, emb, rows)
   t0 = time.perf_counter()
-  compiled = meta.adapt_items.lower(*args).compile()
+  compiled = rule.adapt_items.lower(*args).compile()
   compile_s = time.perf_counter() - t0
   plain = time_runs(lambda: jax.block_until_ready(
       compiled(world.meta_params, world.frozen, emb, rows)), repeats)

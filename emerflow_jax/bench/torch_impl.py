@@ -33,7 +33,7 @@ class _Torch:
   ``layers.FieldEmbedding`` (sum-pooled sequence fields), DeepFM's linear + FM
   + deep parts, ``align.Mapper`` (tanh-approximated GELU, like ``nn.gelu``),
   ``backbones.bce_loss``, ``meta.flow_task_loss`` (both inner rules of
-  ``meta.adapt``) and ``meta.batch_loss``'s pooled outer loss.
+  ``rule.adapt``) and ``meta.batch_loss``'s pooled outer loss.
   """
 
   def __init__(self, world: world_lib.World, mcfg: meta.MetaConfig):
@@ -128,7 +128,7 @@ class _Torch:
       alpha = alpha.expand((n_phases,) + tuple(alpha.shape))
     e0 = self.cold(p, item)
     e = e0
-    b1, b2, eps = 0.9, 0.999, 1e-8  # as in meta.adapt
+    b1, b2, eps = 0.9, 0.999, 1e-8  # as in rule.adapt
     logits = [self.logits(qry["users"], qry["items"], e0)] if cfg.cold_in_outer else []
     for ph in range(n_phases):
       rows = {k: v[ph] for k, v in sup.items()}

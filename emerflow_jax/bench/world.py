@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from emerflow_jax import align, emerflow_meta, meta, protocol, rank_loss, tasks
+from emerflow_jax import align, emerflow_meta, meta, protocol, rank_loss, rule, tasks
 from emerflow_jax.data import dataset as dataset_lib
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
@@ -143,7 +143,7 @@ def make_world(shapes: Shapes, config: ml_collections.ConfigDict, n_tasks: int,
   phi = jax.jit(mapper.init)(jax.random.fold_in(key, 1), r[:2],
                              None if side is None else side[:2])
   phases = len(protocol.WARM_PHASES) if config.meta.phase_alpha else 0
-  meta_params = {"phi": phi, "log_alpha": meta.init_alpha(
+  meta_params = {"phi": phi, "log_alpha": rule.init_alpha(
       float(config.meta.alpha), config.meta.alpha_mode, dim, phases)}
   return World(model=model, mapper=mapper, frozen=frozen, meta_params=meta_params,
                tasks=packed, lr=float(config.meta.lr), k=k, query_rows=q)

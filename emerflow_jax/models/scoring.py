@@ -1,7 +1,7 @@
 """One item's rows scored with a candidate item embedding (backbone frozen).
 
 The primitive every per-item rule differentiates: the shared fine-tuning
-(``warmup.finetune``), EmerFlow's inner loop (``meta.adapt``) and the
+(``warmup.finetune``), EmerFlow's inner loop (``rule.adapt``) and the
 baselines' one-step generators all score an item's rows with an embedding
 ``e`` [d] and take the masked BCE.  ``prepare`` does the item-embedding-free
 part of the forward pass once, outside the loop that moves ``e``.
