@@ -341,14 +341,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def load_vectors(config: ml_collections.ConfigDict, ds, source: str) -> np.ndarray:
   """Enrichment vectors r_i [n_items, D] for every item from ``source``.
 
+  ``"a+b"`` joins sources: each is encoded on its own and the vectors are
+  concatenated (every column is standardised on old items downstream), so that
+  a linear alignment can weigh, say, the raw features apart from the LLM's.
+
   Args:
     config: the run config (enrich section).
     ds: the dataset.
-    source: the text source name.
+    source: the text source name, or names joined by "+".
 
   Returns:
-    [n_items, D] vectors.
+    [n_items, D] vectors (D summed over joined sources).
   """
+  parts = source.split("+")
+  if len(parts) > 1:
+    if len(set(parts)) != len(parts) or not all(parts):
+      raise ValueError(f"enrich.source {source!r}: join distinct sources with '+', "
+                       "e.g. 'llm+raw'")
+    return np.concatenate([load_vectors(config, ds, p) for p in parts], axis=1)
   if source == "dataset":
     if ds.item_vectors is None:
       raise ValueError(f"{ds.name} has no built-in item vectors; set "

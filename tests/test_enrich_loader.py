@@ -201,3 +201,21 @@ assert "emerflow_jax.enrich.generate" not in sys.modules, "generate imported"
 print("ok")
 """)
   assert out.returncode == 0, out.stderr
+
+
+@needs_encoder
+def test_joined_sources_concatenate_each_source_s_vectors(tmp_path):
+  """train.load_vectors("dataset+raw") = [dataset vectors | raw vectors], per item."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from emerflow_jax import train  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(
+      {"enrich": {"encoder": "minilm", "cache_dir": str(tmp_path)}})
+  ds = dataclasses.replace(make(), item_vectors=np.arange(6.0).reshape(3, 2))
+  got = train.load_vectors(config, ds, "dataset+raw")
+  raw = loader.load_item_vectors(ds, "raw", "minilm", str(tmp_path))
+  assert got.shape == (3, 2 + 384)
+  np.testing.assert_array_equal(got[:, :2], np.arange(6.0).reshape(3, 2))
+  np.testing.assert_array_equal(got[:, 2:], raw)
+  for bad in ("raw+raw", "raw+", "+raw"):
+    with pytest.raises(ValueError, match="join distinct sources"):
+      train.load_vectors(config, ds, bad)

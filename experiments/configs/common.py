@@ -41,7 +41,7 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.optim.cache_dir = ""          # share pretrained backbones across runs ("" -> <workdir>/backbones)
 
   c.enrich = ml_collections.ConfigDict()
-  c.enrich.source = "llm"         # llm|agent4rec|galkars|raw|dataset (synthetic)
+  c.enrich.source = "llm"         # llm|agent4rec|galkars|raw|dataset (synthetic); "a+b" concatenates sources, e.g. llm+raw
   c.enrich.encoder = "minilm"     # sentence encoder name or local path
   c.enrich.cache_dir = ""         # cached vectors ("" -> user cache)
 
