@@ -116,7 +116,9 @@ class EmerFlow(methods.Method):
 
     Only settings that act under ``config`` are searched: the mapper's loss
     weight and decay for ``align.kind=mlp``; otherwise the closed-form kind
-    itself (each fits its own penalty, rank or neighbours by CV on old items).
+    itself (each fits its own penalty, rank or neighbours by CV on old items);
+    the auxiliary backbone's share only when there is one (``rule_holdout >
+    0``), so that trial 0 is always the config itself.
     """
     from emerflow_jax import space  # pylint: disable=g-import-not-at-top
     out = {}
@@ -130,8 +132,9 @@ class EmerFlow(methods.Method):
     if self.use_meta:
       out.update({"meta.alpha": space.Float(3e-3, 3e-2, log=True),
                   "meta.alpha_lr": space.Float(1e-3, 1e-1, log=True),
-                  "meta.beta": space.Float(0.0, 0.5),
-                  "meta.rule_holdout": space.Float(0.2, 0.5)})
+                  "meta.beta": space.Float(0.0, 0.5)})
+      if config.meta.rule_holdout > 0:  # 0 (no auxiliary backbone) is a design choice
+        out["meta.rule_holdout"] = space.Float(0.2, 0.5)
     else:
       out.update(methods.warmup_space())
     return out

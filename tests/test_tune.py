@@ -191,3 +191,20 @@ def test_a_changed_config_never_ranks_trials_scored_under_the_old_one(tmp_path):
   again = tune.tune_method(config, tmp_path, n_trials=2, run_fn=fake_run,
                            log=lambda _: None)
   assert len(seen) == 4 and again["study"] == first["study"]
+
+
+@pytest.mark.parametrize("dataset", ["movielens100k", "disgenet", "repodb",
+                                     "clinical_trials", "movielens1m"])
+def test_every_method_s_config_is_a_point_of_its_search_space(dataset):
+  """Trial 0 of ``compare --tune`` is each method's own config: it must lie in the space."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f"experiments.configs.{dataset}")
+  for name in tune.methods.REGISTRY:
+    c = module.get_config()
+    c.method = name
+    if name == "emerg":
+      c.backbone = "emerg_gnn"
+    params = dict(tune.methods.get_method(name).plan(c).search_space)
+    values = tune.config_values(c, list(params))
+    outside = {k: v for k, v in values.items() if not space.contains(params[k], v)}
+    assert not outside, f"{dataset}/{name}: config outside its search space: {outside}"
