@@ -30,18 +30,19 @@ export EMERFLOW_DATA_DIR=${EMERFLOW_DATA_DIR:-../shared/data}
 TRIALS=${TRIALS:-4}
 SEEDS=${SEEDS:-5}
 RESULTS_MD=${RESULTS_MD:-RESULTS.md}
-METHODS=base,dropoutnet,metaemb,mwuf,cvar,gme,emerg,emerflow
+METHODS=base,dropoutnet,metaemb,mwuf,cvar,gme,emerg,emerflow,emerflow_no_llm
 
 for s in $SETTINGS; do
-  extra=() backbones=deepfm config=$s
+  extra=() backbones=deepfm config=$s name=$s
   case $s in
     movielens100k) backbones=deepfm,widedeep ;;
-    disgenet_degree) config=disgenet extra=(--config.data.options.neg_sampling=degree) ;;
+    disgenet_degree) config=disgenet name="disgenet (degree negatives)"
+                     extra=(--config.data.options.neg_sampling=degree) ;;
   esac
   start=$(date +%s)
   "$PY" -m experiments.compare --config="experiments/configs/$config.py" \
     --workdir="$OUT/$s" --methods=$METHODS --backbones=$backbones \
     --seeds="$SEEDS" --splits=config --tune="$TRIALS" --results_md="$RESULTS_MD" \
-    "${extra[@]}"
+    --section="$name, tuning from each method's config (9 methods)" "${extra[@]}"
   echo "grid: $s took $(( $(date +%s) - start )) s"
 done
