@@ -25,8 +25,8 @@ scores the new items' own phase rows best under row-fold CV
 (``rule.choose_step_scale``; 1 unless another factor is clearly better): the
 step size was learned on old items, and a new population may need larger or
 smaller moves.  Run in every phase, it raised validation AUC at warm_a and
-lowered it at warm_b and warm_c (summed over 5 datasets and 10 splits).  After the rule, with
-``regen.keep_p < 1``, content regeneration blends in a leave-one-out ridge
+lowered it at warm_b and warm_c (summed over 5 datasets and 10 splits).
+After the rule, with ``regen.keep_p < 1``, content regeneration blends in a leave-one-out ridge
 prediction (``posterior.regenerate``; off: it lowered validation AUC at
 keep 0.8 on ML-100K).
 Both the meta-training step and the warm-up rule split their task/item axis
@@ -54,8 +54,8 @@ import ml_collections
 import numpy as np
 
 from emerflow_jax import (align, align_diagnostics, checkpoint, closedform, curves,
-                         emerflow_meta, emerflow_options, meta, methods, posterior, protocol,
-                          rule, tasks)
+                          emerflow_meta, emerflow_options, meta, methods, posterior,
+                          protocol, rule, tasks)
 
 
 # Config sections each stage reads (their cache keys cover exactly these,
@@ -377,7 +377,7 @@ class EmerFlow(methods.Method):
         logging.info("regen: step size x%g, phase %d (held-out gains %s)", float(scale),
                      phase, np.round(np.asarray(gains), 2).tolist())
         params = rule.scaled(params, scale)
-      emb = emerflow_meta.refine_items(params, ctx.model, mcfg, state["frozen"], emb, batch,
+      emb = emerflow_meta.refine_items(params, ctx.model, mcfg, state["frozen"], emb, rows,
                                        phase=phase)
     g = state.get("regen")
     if g is not None:

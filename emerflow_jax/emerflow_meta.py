@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from emerflow_jax import (align, checkpoint, curves, meta, methods, protocol, rule,
-                         sharding, tasks)
+                          sharding, tasks)
 
 
 def meta_config(cfg: ml_collections.ConfigDict) -> meta.MetaConfig:

@@ -6,11 +6,11 @@ Which ``meta`` options combine (``check`` raises on anything else):
   ``rule_holdout = holdout_fraction = 0``; ``crossfit_folds > 1`` then starts
   them from out-of-fold mapper outputs), items held out of main's pretraining
   (``holdout_fraction > 0``), or items held out of an auxiliary backbone
-  (``rule_holdout > 0``, the default; only ``emerflow_meta.RULE_PARAMS`` carry over, so
-  ``train_init`` must be off);
+  (``rule_holdout > 0``, the common default; only ``emerflow_meta.RULE_PARAMS``
+  carry over, so ``train_init`` must be off);
 - ``phase_alpha`` needs ``tasks="flow"``; ``cold_in_outer`` needs
   ``learn_shrink`` (nothing else changes the cold phase);
-- ``support_rows`` is read by chunk tasks only (flow tasks use ``data.k``).
+- ``support_rows`` is read by chunk tasks only (flow tasks use ``data.k``);
 - ``regen.step_scales`` are positive factors that hold 1.0 (``()`` turns the
   step-size CV off), ``regen.scale_phases`` letters of "abc", and
   ``regen.scale_folds`` at least 2; ``regen.keep_*`` lie in [0, 1].

@@ -222,9 +222,8 @@ def choose_step_scale(meta_params: dict[str, Any], model: backbones.Backbone,
   ref = jnp.argmin(jnp.abs(scales - 1.0))
   gain = loss[ref][None, :] - loss                                       # [m, n]
   best = jnp.argmax(gain.sum(1))
-  n = emb.shape[0]
-  g = gain[best] * n / jnp.maximum(mask.sum(), 1.0)
-  use = jnp.mean(g) > SCALE_Z * jnp.std(g) / jnp.sqrt(n)
+  g = gain[best]                                                         # [n] per item
+  use = jnp.mean(g) > SCALE_Z * jnp.std(g) / jnp.sqrt(emb.shape[0])
   return jnp.where(use, scales[best], jnp.ones((), scales.dtype)), gain.sum(1)
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import optax
 import pytest
 
-from emerflow_jax import (align, emerflow_meta, meta, methods, protocol, rule, sharding,
-                         tasks)
+from emerflow_jax import (align, emerflow_meta, meta, methods, protocol, rule,
+                          sharding, tasks)
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 
