@@ -192,8 +192,8 @@ def write_report(out: pathlib.Path, runs: list[dict]) -> None:
                                              indent=1) + "\n")
   lines = [
       "# Wall time and peak memory per stage, 100K to 10M rows (CPU)", "",
-      f"Machine: {machine['cpu']}, {machine['cores']} cores, shared with other "
-      "jobs (load averages per run below); JAX devices: "
+      f"Machine: {machine['cpu']}, {machine['cores']} cores (the 1-minute load "
+      "average before and after each run is in its last column); JAX devices: "
       f"{', '.join(sorted({d for r in runs for d in r['devices']}))}; "
       f"jax {runs[0]['jax'] if runs else '?'}. Command: "
       "`nice python benchmarks/scale.py --sizes=100k,1m,10m "
