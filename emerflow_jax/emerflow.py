@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import jax
@@ -64,6 +65,21 @@ ALIGN_SECTIONS = ("enrich", "align")
 # Added to the phase index to draw the pooled correction's item folds.
 POOL_SALT = 1000
 META_SECTIONS = ("enrich", "align", "meta")
+
+
+class _Laps:
+  """Wall seconds per stage of ``fit``, device work included (its report)."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self._t = time.perf_counter()
+
+  def lap(self, name: str, out: Any = None) -> Any:
+    jax.block_until_ready(out)
+    t = time.perf_counter()
+    self.seconds[name] = self.seconds.get(name, 0.0) + t - self._t
+    self._t = t
+    return out
 
 
 def _closed_form_curves(writer: Any, info: dict[str, Any]) -> None:
@@ -140,6 +156,7 @@ class EmerFlow(methods.Method):
     return out
 
   def fit(self, ctx: methods.Context) -> dict[str, Any]:
+    laps = _Laps()  # the first lap includes standardising r_i
     cfg = ctx.config
     n_items = ctx.ds.n_items
     # The no-align ablation reads no vectors: a zero r_i stands in (unused).
@@ -159,32 +176,38 @@ class EmerFlow(methods.Method):
     meta_frozen = frozen
     if self.use_align:
       mapper = align.Mapper(out_dim=dim, hidden=tuple(cfg.align.hidden))
-      phi, align_report = self._align(ctx, mapper, r, side, ctx.split.old_items, "align",
-                                      1, report=True)
+      phi, align_report = laps.lap("align", self._align(
+          ctx, mapper, r, side, ctx.split.old_items, "align", 1, report=True))
       params = {"phi": phi, "log_alpha": alpha}
       if self.use_meta and cfg.meta.learn_shrink:
         params["shrink"] = jnp.ones((), jnp.float32)
       folds = int(cfg.meta.crossfit_folds)
       if self.use_meta and folds > 1:  # the plan allows it only without held-out items
-        meta_frozen = dict(frozen, e0_table=self._crossfit(ctx, mapper, r, side, folds))
+        meta_frozen = dict(frozen, e0_table=laps.lap(
+            "crossfit", self._crossfit(ctx, mapper, r, side, folds)))
     else:
       params = {"e0": jnp.mean(ctx.old_item_embeddings(), 0), "log_alpha": alpha}
     if self.use_meta and (cfg.meta.rule_holdout > 0) != ("rule" in ctx.backbones):
       raise ValueError("meta.rule_holdout > 0 needs the 'rule' backbone of the plan "
                        "(and only then): run the method through train.py")
     if self.use_meta and "rule" in ctx.backbones:
-      params = dict(params, **self._rule_on_aux(ctx, mapper, r, params))
+      params = dict(params, **self._rule_on_aux(ctx, mapper, r, params, laps))
     elif self.use_meta:
       held = ctx.backbones["main"].held
-      params = emerflow_meta.run_meta_training(ctx, mapper, params, meta_frozen,
-                                               ctx.stage_dir("meta", META_SECTIONS),
-                                               held if len(held) else None)
-    return {"params": params, "mapper": mapper, "frozen": frozen,
-            "regen": self._regen_state(ctx, r), "align_report": align_report}
+      params = laps.lap("meta", emerflow_meta.run_meta_training(
+          ctx, mapper, params, meta_frozen, ctx.stage_dir("meta", META_SECTIONS),
+          held if len(held) else None))
+    regen = laps.lap("regen", self._regen_state(ctx, r))
+    return {"params": params, "mapper": mapper, "frozen": frozen, "regen": regen,
+            "align_report": align_report, "seconds": laps.seconds}
 
   def report(self, state: Any) -> dict[str, Any]:
-    """{"align": the main alignment's held-out FVU and cold AUC on old items}."""
-    return {"align": state["align_report"]} if self.use_align else {}
+    """{"align": the main alignment's held-out FVU and cold AUC on old items,
+    "seconds": wall seconds per stage of ``fit``}."""
+    out = {"seconds": state["seconds"]}
+    if self.use_align:
+      out["align"] = state["align_report"]
+    return out
 
   def _regen_state(self, ctx: methods.Context, r: np.ndarray) -> dict[str, Any] | None:
     """What ``posterior.regenerate`` needs after each phase (None when off)."""
@@ -199,7 +222,8 @@ class EmerFlow(methods.Method):
             "r": jnp.asarray(r)}
 
   def _rule_on_aux(self, ctx: methods.Context, mapper: align.Mapper | None,
-                   r: np.ndarray, init: dict[str, Any]) -> dict[str, jnp.ndarray]:
+                   r: np.ndarray, init: dict[str, Any], laps: _Laps
+                   ) -> dict[str, jnp.ndarray]:
     """Meta-learns the rule on the auxiliary backbone's held-out items.
 
     Everything stage 2 does is redone against the auxiliary backbone (its
@@ -219,15 +243,16 @@ class EmerFlow(methods.Method):
       side = align.item_side_embeddings(aux.params, ctx.tables, jnp.arange(ctx.ds.n_items))
       frozen["side"] = side
     if mapper is not None:
-      phi, _ = self._align(actx, mapper, r, side, aux.split.old_items, "rule-align", 2)
+      phi, _ = laps.lap("rule_align", self._align(actx, mapper, r, side,
+                                                  aux.split.old_items, "rule-align", 2))
       params = dict(rule_params, phi=phi)
     else:
       params = dict(rule_params, e0=jnp.mean(actx.old_item_embeddings(), 0))
     logging.info("meta: learning the rule on %d items held out of an auxiliary backbone",
                  len(aux.held))
-    learned = emerflow_meta.run_meta_training(actx, mapper, params, frozen,
-                                              actx.stage_dir("rule-meta", META_SECTIONS),
-                                              aux.held)
+    learned = laps.lap("meta", emerflow_meta.run_meta_training(
+        actx, mapper, params, frozen, actx.stage_dir("rule-meta", META_SECTIONS),
+        aux.held))
     return {k: learned[k] for k in rule_params}
 
   def _align(self, ctx: methods.Context, mapper: align.Mapper, r: np.ndarray,

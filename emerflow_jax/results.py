@@ -84,9 +84,11 @@ def summarize(config, dataset: str, per_seed: list[dict], counts: dict,
     out["report"] = {k: [rep.get(k) for rep in reports] for k in names}
   secs = {k: float(sum(r["seconds"][k] for r in per_seed))
           for k in ("pretrain", "method")}
-  if all("backbones" in r["seconds"] for r in per_seed):
-    # What each seed costs on its own: every backbone it used, paid or cached.
-    secs["backbones"] = float(sum(r["seconds"]["backbones"] for r in per_seed))
+  for k in ("backbones", "fit", "evaluate"):  # absent from results of older code
+    if all(k in r["seconds"] for r in per_seed):
+      # backbones: what each seed costs on its own, every backbone it used,
+      # paid or cached; fit + evaluate = method.
+      secs[k] = float(sum(r["seconds"][k] for r in per_seed))
   secs["total"] = float(total_s)
   out["seconds"] = secs
   return out

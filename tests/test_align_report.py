@@ -86,3 +86,22 @@ def test_the_mlp_writes_train_and_heldout_fvu_over_steps(tmp_path):
   (rep,) = res["report"]["align"]
   _check_report(rep)
   assert rep["estimate"] == "early_stopping_holdout"
+
+
+def test_each_seed_splits_its_seconds_by_backbone_stage_and_fit_stage(closed_run):
+  """A seed's time adds up: method = fit + evaluate, every backbone timed, and
+  EmerFlow's fit stages (both alignments, the rule's meta-training, the
+  regeneration state) add up to no more than its fit."""
+  workdir, res = closed_run
+  sec = json.loads((workdir / "seed_0" / "result.json").read_text())["seconds"]
+  assert sec["fit"] > 0 and sec["evaluate"] > 0
+  assert sec["fit"] + sec["evaluate"] == pytest.approx(sec["method"], abs=1e-6)
+  assert sec["pretrain"] + sec["method"] == pytest.approx(sec["total"], abs=1e-6)
+  assert set(sec["per_backbone"]) == {"main", "rule"}
+  assert sum(sec["per_backbone"].values()) == pytest.approx(sec["backbones"])
+  (stages,) = res["report"]["seconds"]
+  assert set(stages) == {"align", "rule_align", "meta", "regen"}
+  assert all(v >= 0 for v in stages.values())
+  assert sum(stages.values()) <= sec["fit"]
+  assert res["seconds"]["fit"] + res["seconds"]["evaluate"] == pytest.approx(
+      res["seconds"]["method"], abs=1e-6)

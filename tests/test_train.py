@@ -47,7 +47,8 @@ def test_binary_writes_results_json_md_and_png(smoke_run):
       assert len(res[metric][p]) == 1 and 0.0 < res[metric][p][0] < 1.0
   assert res["auc"]["warm_c"][0] > 0.5  # it learned something
   assert res["config"]["optim"]["epochs"] == 1  # the :smoke variant
-  assert set(res["seconds"]) == {"pretrain", "method", "total", "backbones"}
+  assert set(res["seconds"]) == {"pretrain", "method", "fit", "evaluate", "total",
+                                 "backbones"}
   assert all(v > 0 for v in res["seconds"].values())
   assert "mean ± std" in (workdir / "results.md").read_text()
   assert (workdir / "auc.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
