@@ -42,7 +42,6 @@ _FORCE = flags.DEFINE_bool("force", False, "Rerun finished runs.")
 WORLDS = {"100k": (604, 371), "1m": (6040, 3706), "10m": (60400, 37060)}
 ROWS_PER_ITEM = 1_000_209 / 3706  # ML-1M's mean
 STAGES = ("data", "pretrain", "fit", "evaluation")
-FINDINGS = "## Findings"
 # Modest settings: one pretraining epoch, one meta-epoch.
 SETTINGS = {"seeds": 1, "optim.epochs": 1, "meta.epochs": 1, "eval.curves": False}
 
@@ -146,14 +145,6 @@ def run_stages(size: str, method_name: str, workdir: pathlib.Path,
   return out
 
 
-def _cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def _run_child(size: str, method: str, overrides: list[str]) -> dict:
@@ -184,9 +175,10 @@ def _ratio(runs: dict, method: str, stage: str, a: str, b: str, key: str) -> str
 
 def write_report(out: pathlib.Path, runs: list[dict]) -> None:
   """Writes ``scale.json`` and ``scale.md`` from the finished runs."""
+  from emerflow_jax.bench import report, timing  # pylint: disable=g-import-not-at-top
   order = {s: i for i, s in enumerate(WORLDS)}
   runs = sorted(runs, key=lambda r: (r["method"], order[r["size"]]))
-  machine = {"cpu": _cpu_model(), "cores": os.cpu_count(),
+  machine = {"cpu": timing.cpu_model(), "cores": os.cpu_count(),
              "python": platform.python_version()}
   (out / "scale.json").write_text(json.dumps({"machine": machine, "runs": runs},
                                              indent=1) + "\n")
@@ -230,10 +222,7 @@ def write_report(out: pathlib.Path, runs: list[dict]) -> None:
       f"{r['method']} {r['size']} test " + "/".join(
           f"{v:.3f}" for v in r["metrics"]["auc"].values()) for r in runs), ""]
   # A hand-written findings section below the tables survives a rewrite.
-  md = out / "scale.md"
-  old = md.read_text() if md.exists() else ""
-  notes = old[old.index(FINDINGS):] if FINDINGS in old else ""
-  md.write_text("\n".join(lines) + ("\n" + notes if notes else ""))
+  report.write_keeping_findings(out / "scale.md", "\n".join(lines))
 
 
 def main(argv):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
@@ -47,14 +46,6 @@ _OUT = flags.DEFINE_string("out", "benchmarks/cpu", "Output folder.")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def _commit() -> str:
@@ -166,7 +157,9 @@ def render(agg: dict, runs: list[dict], meta: dict) -> str:
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from emerflow_jax.bench import report, timing
   methods = list(_METHODS.value)
   name = pathlib.Path(_CONFIG.value).stem + "".join(
       "_" + kv.replace("=", "-").replace(".", "-") for kv in _SET.value)
@@ -187,7 +180,7 @@ def main(argv):
   agg = aggregate(runs, methods)
   loads = [x for r in runs for x in (r["load_before"], r["load_after"])]
   meta = {"name": name, "jax": jax.__version__,
-          "device": f"{jax.devices()[0].platform.upper()}: {_cpu_model()}, "
+          "device": f"{jax.devices()[0].platform.upper()}: {timing.cpu_model()}, "
                     f"{os.cpu_count()} cores ({len(jax.devices())} JAX device(s))",
           "commit": _commit(), "seeds": _SEEDS.value, "rounds": _ROUNDS.value,
           "command": "python benchmarks/walltime.py " + " ".join(sys.argv[1:]),
@@ -197,7 +190,8 @@ def main(argv):
   (out / f"walltime_{name}.json").write_text(
       json.dumps({"meta": meta, "aggregate": agg, "runs": runs}, indent=1) + "\n")
   md = render(agg, runs, meta)
-  (out / f"walltime_{name}.md").write_text(md)
+  # A hand-written findings section below the tables survives a rewrite.
+  report.write_keeping_findings(out / f"walltime_{name}.md", md)
   print(md)
 
 

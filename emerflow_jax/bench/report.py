@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 from emerflow_jax.bench import benchmark as core
 
@@ -278,3 +279,14 @@ def write_reports(result: dict, workdir: str) -> None:
   with open(os.path.join(workdir, "bench.md"), "w") as f:
     f.write(markdown(result))
   plot(result, os.path.join(workdir, "bench.png"))
+
+
+FINDINGS = "## Findings"
+
+
+def write_keeping_findings(path: pathlib.Path, text: str) -> None:
+  """Writes a generated table to ``path``, keeping the hand-written
+  ``## Findings`` section (and all below it) of the file it replaces."""
+  old = path.read_text() if path.exists() else ""
+  notes = old[old.index(FINDINGS):] if FINDINGS in old else ""
+  path.write_text(text.rstrip("\n") + "\n" + ("\n" + notes if notes else ""))

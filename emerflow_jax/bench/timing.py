@@ -31,7 +31,8 @@ from emerflow_jax.bench import world as world_lib
 LOOP_IMPLS = ("jax_task_loop", "torch_task_loop")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+  """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
@@ -47,7 +48,7 @@ def device_info() -> dict[str, Any]:
   dev = jax.devices()[0]
   cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
            else os.cpu_count())
-  cpu = _cpu_model()
+  cpu = cpu_model()
   if dev.platform == "cpu":
     desc = f"CPU: {cpu}, {cores} cores"
   else:
