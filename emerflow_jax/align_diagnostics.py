@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emerflow_jax import align, closedform, metrics, prior
+from emerflow_jax import align, closedform, metrics, pretrain, prior
 from emerflow_jax.models import backbones
 
 
@@ -34,12 +34,21 @@ def _score_fn(model: backbones.Backbone):
 
 
 def _score(model, params, tables, rows, emb_rows: jnp.ndarray, chunk: int = 65536):
-  """[R] logits of ``rows`` with item embeddings emb_rows [R, d], in chunks."""
+  """[R] logits of ``rows`` with item embeddings emb_rows [R, d], in chunks.
+
+  Each chunk is zero-padded to a shape bucket (``pretrain.padded_rows``), so
+  the seeds of a process, whose row counts differ, share one compiled score.
+  """
   fn = _score_fn(model)
-  out = [fn(params, tables, jnp.asarray(rows["users"][i:i + chunk]),
-            jnp.asarray(rows["items"][i:i + chunk]), emb_rows[i:i + chunk])
-         for i in range(0, len(rows["users"]), chunk)]
-  return np.concatenate([np.asarray(o) for o in out])
+  out = []
+  for i in range(0, len(rows["users"]), chunk):
+    part = [np.asarray(rows["users"][i:i + chunk]), np.asarray(rows["items"][i:i + chunk]),
+            np.asarray(emb_rows[i:i + chunk])]
+    n = len(part[0])
+    pad = pretrain.padded_rows(n, 1) - n
+    part = [np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in part]
+    out.append(np.asarray(fn(params, tables, *map(jnp.asarray, part)))[:n])
+  return np.concatenate(out)
 
 
 def heldout_quality(pred: Any, mean: Any, e: Any, items: np.ndarray,

@@ -56,7 +56,7 @@ import numpy as np
 
 from emerflow_jax import (align, align_diagnostics, checkpoint, closedform, curves,
                           emerflow_meta, emerflow_options, meta, methods, posterior,
-                          protocol, rule, tasks)
+                          protocol, rule, sharding, tasks)
 
 
 # Config sections each stage reads (their cache keys cover exactly these,
@@ -359,8 +359,11 @@ class EmerFlow(methods.Method):
     Returns:
       [n, d] embeddings.
     """
-    return meta.cold_embedding(state["params"], state["mapper"], state["frozen"],
-                               jnp.asarray(items))
+    emb = meta.cold_embedding(state["params"], state["mapper"], state["frozen"],
+                              jnp.asarray(items))
+    # A plain array, as every phase's refined embeddings are: the warm-up's
+    # programs then see one input type and are traced once, not per phase.
+    return jnp.asarray(sharding.gather(emb))
 
   def refine(self, ctx, state, emb, batch, items, phase):
     """The pooled correction, the learned rule, then any regeneration.

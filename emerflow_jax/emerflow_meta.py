@@ -10,6 +10,7 @@ their task/item axis over every device (``sharding.task_mesh``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import pathlib
 import time
@@ -71,12 +72,24 @@ def outer_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformat
   The step sizes (in log space) and the prior's shrink want moves of order
   one within a few hundred steps, far more than the mapper weights should move.
   """
-  lr, alpha_lr = float(cfg.meta.lr), float(cfg.meta.alpha_lr)
+  return _optimizer(float(cfg.meta.lr), float(cfg.meta.alpha_lr))
+
+
+def _optimizer(lr: float, alpha_lr: float) -> optax.GradientTransformation:
   if alpha_lr <= 0:
     return optax.adam(lr)
   label = lambda params: {k: ("alpha" if k in RULE_PARAMS else "rest") for k in params}
   return optax.multi_transform({"alpha": optax.adam(alpha_lr), "rest": optax.adam(lr)},
                                label)
+
+
+@functools.lru_cache(maxsize=32)
+def _train_step(model, mapper, mcfg: meta.MetaConfig, lr: float, alpha_lr: float,
+                mesh: jax.sharding.Mesh):
+  """(the jitted meta step, its optimizer), built once per process and setting:
+  every seed's meta-training (and the auxiliary backbone's) reuses the trace."""
+  tx = _optimizer(lr, alpha_lr)
+  return meta.make_train_step(model, mapper, mcfg, tx, mesh), tx
 
 
 def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
@@ -114,8 +127,8 @@ def run_meta_training(ctx: methods.Context, mapper: align.Mapper | None,
   cfg = ctx.config
   mcfg = meta_config(cfg)
   mesh = sharding.task_mesh() if mesh is None else mesh
-  tx = outer_optimizer(cfg)
-  step_fn = meta.make_train_step(ctx.model, mapper, mcfg, tx, mesh)
+  step_fn, tx = _train_step(ctx.model, mapper, mcfg, float(cfg.meta.lr),
+                            float(cfg.meta.alpha_lr), mesh)
   state = {"params": params, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32),
            "rng": jax.random.key_data(jax.random.fold_in(ctx.key, 7))}

@@ -1,8 +1,12 @@
 """Backbone pretraining on old-item rows, resumable from Orbax checkpoints.
 
 The train state is one pytree ``{"params", "opt_state", "step", "rng"}``.  One
-jitted function runs a whole epoch as a ``lax.scan`` over minibatches (one
-dispatch per epoch, state donated).  A checkpoint is written at the end of an
+jitted function runs a whole epoch as a ``lax.scan`` over minibatches (state
+donated), after a small one that draws the epoch's batches.  The rows are
+padded to a shape bucket (``padded_rows``) and the scan skips the empty batch
+slots, so every backbone of a process with the same settings and a similar
+row count (each seed's, the auxiliary one) runs one compiled epoch: it is
+traced once per process, not once per backbone.  A checkpoint is written at the end of an
 epoch once ``ckpt_every_s`` seconds have passed since the last one
 (``optim.ckpt_every_s``; a 2-second ML-100K pretraining writes only its last
 epoch), and after the last epoch, so a killed run resumes at its last saved
@@ -88,24 +92,46 @@ def apply_gradients(state: State, grads: Any, tx: optax.GradientTransformation) 
               opt_state=opt_state, step=state["step"] + 1)
 
 
-def make_epoch_fn(model: backbones.Backbone, tx: optax.GradientTransformation,
-                  tables: backbones.Tables, batch_size: int,
-                  item_dropout: float = 0.0, mesh: jax.sharding.Mesh | None = None
-                  ) -> Callable[..., tuple[State, jnp.ndarray]]:
-  """Returns jit(epoch(state, users, items, labels, epoch) -> (state, losses)).
+def padded_rows(n: int, batch_size: int) -> int:
+  """The length row arrays are padded to before pretraining (a shape bucket).
 
-  Rows are shuffled with ``fold_in(rng, epoch)`` and cut into
-  ``n // batch_size`` full batches (the remainder differs every epoch).
+  Rounded up to a multiple of ``max(batch_size, 2**(bits(n) - 4))``, so at
+  most about 1/8 is padding.  Backbones trained on row counts within one
+  bucket (every seed of a run: their validation holdouts differ) share one
+  compiled epoch; padded rows are never drawn into a batch.
 
   Args:
-    model, tx, tables: the backbone, its optimiser and feature tables.
+    n: the number of rows.
     batch_size: rows per minibatch.
-    item_dropout: DropoutNet's per-batch item-embedding replacement rate.
-    mesh: split every minibatch over this mesh's devices (state and rows
-      replicated on it, e.g. by ``sharding.replicate``); None: no constraint.
 
   Returns:
-    The jitted epoch; it donates ``state``; ``losses`` is [n // batch_size].
+    The padded length, at least ``n``.
+  """
+  unit = max(int(batch_size), 1 << max(int(n).bit_length() - 4, 0))
+  return -(-int(n) // unit) * unit
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _epoch_batches(rng: jax.Array, epoch_idx: jax.Array, n: int, batch_size: int,
+                   n_slots: int) -> jax.Array:
+  """[n_slots, batch_size] row indices of an epoch's batches, zero rows after
+  the ``n // batch_size`` real ones: a permutation of the ``n`` rows keyed by
+  ``fold_in(rng, epoch)``, its remainder dropped."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(rng), epoch_idx)
+  n_batches = n // batch_size
+  perm = jax.random.permutation(key, n)[:n_batches * batch_size]
+  perm = perm.reshape(n_batches, batch_size)
+  return jnp.pad(perm, ((0, n_slots - n_batches), (0, 0)))
+
+
+def _epoch_program(model: backbones.Backbone, tx: optax.GradientTransformation,
+                   batch_size: int, item_dropout: float,
+                   mesh: jax.sharding.Mesh | None) -> Callable[..., Any]:
+  """jit(epoch(state, tables, users, items, labels, batches, n_batches, epoch)).
+
+  ``batches`` [S, batch_size] holds row indices; slots from ``n_batches`` on
+  are skipped (``lax.cond``: no update, loss 0), so one compiled program
+  serves every row count whose batches fit in S slots.
   """
 
   def split(x):
@@ -124,35 +150,97 @@ def make_epoch_fn(model: backbones.Backbone, tx: optax.GradientTransformation,
     logits = backbones.score(model, params, tables, users, items, item_emb)
     return backbones.bce_loss(logits, labels)
 
-  def epoch(state, tables, users, items, labels, epoch_idx):
+  def epoch(state, tables, users, items, labels, batches, n_batches, epoch_idx):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), epoch_idx)
-    n_batches = users.shape[0] // batch_size
-    perm = jax.random.permutation(key, users.shape[0])[:n_batches * batch_size]
-    perm = perm.reshape(n_batches, batch_size)
 
     def step(st, xs):
       idx, i = xs
-      k = jax.random.fold_in(key, i)
-      loss, grads = jax.value_and_grad(loss_fn)(
-          st["params"], tables, split(users[idx]), split(items[idx]),
-          split(labels[idx]), k)
-      st = apply_gradients(st, grads, tx)
-      return st, loss
 
-    return jax.lax.scan(step, state, (perm, jnp.arange(n_batches)))
+      def update(st):
+        k = jax.random.fold_in(key, i)
+        loss, grads = jax.value_and_grad(loss_fn)(
+            st["params"], tables, split(users[idx]), split(items[idx]),
+            split(labels[idx]), k)
+        return apply_gradients(st, grads, tx), loss.astype(jnp.float32)
+
+      return jax.lax.cond(i < n_batches, update,
+                          lambda st: (st, jnp.zeros((), jnp.float32)), st)
+
+    return jax.lax.scan(step, state, (batches, jnp.arange(batches.shape[0])))
 
   if mesh is None:
-    fn = jax.jit(epoch, donate_argnums=0)
-  else:
-    rep = sharding.replicated_sharding(mesh)
-    fn = jax.jit(epoch, donate_argnums=0, out_shardings=(rep, rep))
+    return jax.jit(epoch, donate_argnums=0)
+  rep = sharding.replicated_sharding(mesh)
+  return jax.jit(epoch, donate_argnums=0, out_shardings=(rep, rep))
+
+
+# One compiled epoch per (model, optimiser settings, batch, dropout, mesh):
+# later backbones of a process (other seeds, the auxiliary backbone) reuse it.
+_cached_epoch_program = functools.lru_cache(maxsize=64)(
+    lambda model, lr, weight_decay, batch_size, item_dropout, mesh: _epoch_program(
+        model, make_optimizer(lr, weight_decay), batch_size, item_dropout, mesh))
+
+
+class EpochFn:
+  """``epoch(state, users, items, labels, epoch, n_rows=None) -> (state, losses)``.
+
+  The rows are shuffled with ``fold_in(rng, epoch)`` and cut into
+  ``n_rows // batch_size`` full batches (the remainder differs every epoch);
+  ``losses`` is [n_rows // batch_size].  ``users``, ``items`` and ``labels``
+  may be padded past ``n_rows`` (default: their length), e.g. to
+  ``padded_rows``; padded rows are never used.  ``state`` is donated.
+
+  Attributes:
+    program: the jitted epoch, ``program(state, tables, users, items, labels,
+      batches, n_batches, epoch)``.
+    tables: the (replicated) feature tables it is called with.
+    batch_size: rows per minibatch.
+  """
+
+  def __init__(self, program: Callable[..., Any], tables: backbones.Tables,
+               batch_size: int):
+    self.program, self.tables, self.batch_size = program, tables, int(batch_size)
+
+  def batches(self, state: State, n_rows: int, n_padded: int,
+              epoch_idx: Any) -> jax.Array:
+    """The epoch's [n_padded // batch_size, batch_size] batch slots."""
+    return _epoch_batches(state["rng"], jnp.asarray(epoch_idx, jnp.int32), int(n_rows),
+                          self.batch_size, int(n_padded) // self.batch_size)
+
+  def __call__(self, state: State, users: Any, items: Any, labels: Any, epoch_idx: Any,
+               n_rows: int | None = None) -> tuple[State, jnp.ndarray]:
+    n_rows = int(users.shape[0]) if n_rows is None else int(n_rows)
+    n_batches = n_rows // self.batch_size
+    batches = self.batches(state, n_rows, users.shape[0], epoch_idx)
+    state, losses = self.program(state, self.tables, users, items, labels, batches,
+                                 jnp.asarray(n_batches, jnp.int32),
+                                 jnp.asarray(epoch_idx, jnp.int32))
+    return state, losses[:n_batches]
+
+
+def make_epoch_fn(model: backbones.Backbone, tx: optax.GradientTransformation,
+                  tables: backbones.Tables, batch_size: int,
+                  item_dropout: float = 0.0, mesh: jax.sharding.Mesh | None = None,
+                  program: Callable[..., Any] | None = None) -> EpochFn:
+  """The epoch of minibatch training (``EpochFn``).
+
+  Args:
+    model, tx, tables: the backbone, its optimiser and feature tables.
+    batch_size: rows per minibatch.
+    item_dropout: DropoutNet's per-batch item-embedding replacement rate.
+    mesh: split every minibatch over this mesh's devices (state and rows
+      replicated on it, e.g. by ``sharding.replicate``); None: no constraint.
+    program: a compiled epoch of these settings to reuse (``_epoch_program``).
+
+  Returns:
+    The epoch; it donates ``state``.
+  """
+  if program is None:
+    program = _epoch_program(model, tx, batch_size, item_dropout, mesh)
+  if mesh is not None:
     # Tables as a replicated argument, not a closed-over (one-device) constant.
     tables = sharding.replicate(tables, mesh)
-  return functools.partial(_with_tables, fn, tables)
-
-
-def _with_tables(fn, tables, state, users, items, labels, epoch_idx):
-  return fn(state, tables, users, items, labels, epoch_idx)
+  return EpochFn(program, tables, batch_size)
 
 
 def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
@@ -191,10 +279,15 @@ def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
   tx = make_optimizer(lr, weight_decay)
   mesh = sharding.task_mesh() if mesh is None else mesh
   state = init_state(backbones.init_params(model, tables, init_key), tx, state_key)
+  n_rows = int(len(rows["users"]))
+  batch_size = min(int(batch_size), n_rows)
+  n_padded = padded_rows(n_rows, batch_size)
+  pad = lambda x: np.pad(np.asarray(x), (0, n_padded - n_rows))
   state, users, items, labels = sharding.replicate(
-      (state, rows["users"], rows["items"], rows["labels"]), mesh)
-  batch_size = min(batch_size, int(users.shape[0]))
-  epoch_fn = make_epoch_fn(model, tx, tables, batch_size, item_dropout, mesh)
+      (state, pad(rows["users"]), pad(rows["items"]), pad(rows["labels"])), mesh)
+  program = _cached_epoch_program(model, float(lr), float(weight_decay), batch_size,
+                                  float(item_dropout), mesh)
+  epoch_fn = make_epoch_fn(model, tx, tables, batch_size, item_dropout, mesh, program)
   with checkpoint.Checkpointer(ckpt_dir) as ckpt:
     state, done = ckpt.restore_or(state)
     start = 0 if done is None else done
@@ -202,7 +295,7 @@ def pretrain_backbone(model: backbones.Backbone, tables: backbones.Tables,
       log(f"pretrain: resumed from epoch {done} in {ckpt.directory}")
     saved = _clock()
     for e in range(start, epochs):
-      state, losses = epoch_fn(state, users, items, labels, e)
+      state, losses = epoch_fn(state, users, items, labels, e, n_rows)
       # Replicated: each process reads its own copy.
       loss, step = sharding.gather((losses, state["step"]))
       loss = float(loss.mean())

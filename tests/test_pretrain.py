@@ -135,8 +135,9 @@ def _four_device_checks(workdir: str) -> dict:
       backbones.init_params(model, tables, jax.random.key(0)),
       pretrain.make_optimizer(LR), jax.random.key(1)), mesh)
   args = sharding.replicate((rows["users"], rows["items"], rows["labels"]), mesh)
-  jitted, tables_r = fn.args  # functools.partial(_with_tables, jit, tables)
-  hlo = jitted.lower(state, tables_r, *args, 0).compile().as_text()
+  n = len(rows["users"])
+  batches = fn.batches(state, n, n, 0)
+  hlo = fn.program.lower(state, fn.tables, *args, batches, n // BATCH, 0).compile().as_text()
   out["all_reduce"] = "all-reduce" in hlo
   diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
            for a, b in zip(jax.tree.leaves(params["four"]), jax.tree.leaves(params["one"]))]
