@@ -46,15 +46,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any
 
+from flax import serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from emerflow_jax import (align, align_diagnostics, checkpoint, closedform, curves,
+from emerflow_jax import (align, align_diagnostics, closedform, curves,
                           emerflow_meta, emerflow_options, meta, methods, posterior,
                           protocol, rule, sharding, tasks)
 
@@ -302,9 +304,15 @@ class EmerFlow(methods.Method):
       out = dict(align_diagnostics.from_folds(info["oof"], e, info["fold"], items,
                                               ctx.model, ctx.params, ctx.tables, rows),
                  kind=kind, shrink=shrink, folds=folds, estimate="cv_folds")
-    with checkpoint.Checkpointer(ctx.stage_dir(name, ALIGN_SECTIONS, salt=salt)) as ckpt:
-      if ckpt.latest_step() is None:  # refit on resume (seconds, deterministic)
-        ckpt.save(1, phi)  # the run's record of the fitted map
+    # The run's record of the fitted map; never read back (a resumed run
+    # refits: seconds, deterministic), so a plain file, not an Orbax
+    # checkpoint (whose save cost half as much as the fit).
+    record = ctx.stage_dir(name, ALIGN_SECTIONS, salt=salt) / "map.msgpack"
+    if not record.exists() and sharding.is_main_process():
+      record.parent.mkdir(parents=True, exist_ok=True)
+      tmp = record.with_suffix(".tmp")
+      tmp.write_bytes(serialization.to_bytes(jax.device_get(sharding.gather(phi))))
+      os.replace(tmp, record)
     return phi, out if report else None
 
   def _mlp_report(self, ctx: methods.Context, mapper: align.Mapper, phi: Any,

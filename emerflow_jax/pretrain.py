@@ -95,10 +95,12 @@ def apply_gradients(state: State, grads: Any, tx: optax.GradientTransformation) 
 def padded_rows(n: int, batch_size: int) -> int:
   """The length row arrays are padded to before pretraining (a shape bucket).
 
-  Rounded up to a multiple of ``max(batch_size, 2**(bits(n) - 4))``, so at
-  most about 1/8 is padding.  Backbones trained on row counts within one
-  bucket (every seed of a run: their validation holdouts differ) share one
-  compiled epoch; padded rows are never drawn into a batch.
+  The next power of two (rounded up to a multiple of ``batch_size``).
+  Backbones whose row counts share a bucket (every seed of a run: their
+  validation holdouts differ; the auxiliary backbone, on most of the rows)
+  share one compiled epoch.  Padded rows are never drawn into a batch, and
+  the scan skips the batch slots past the real ones, so the padding costs
+  memory for the row indices only, not compute.
 
   Args:
     n: the number of rows.
@@ -107,8 +109,8 @@ def padded_rows(n: int, batch_size: int) -> int:
   Returns:
     The padded length, at least ``n``.
   """
-  unit = max(int(batch_size), 1 << max(int(n).bit_length() - 4, 0))
-  return -(-int(n) // unit) * unit
+  p = 1 << max(int(n) - 1, 0).bit_length()
+  return -(-p // int(batch_size)) * int(batch_size)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))

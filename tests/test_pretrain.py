@@ -92,6 +92,34 @@ def test_finished_run_is_not_retrained(tiny_ds, tiny_split, tmp_path):
   _assert_bit_exact(again, first)
 
 
+def test_padded_rows_change_nothing_and_one_program_serves_a_bucket(tiny_ds, tiny_split,
+                                                                   tmp_path):
+  model = backbones.make_backbone("deepfm", tiny_ds, dim=DIM, mlp=MLP)
+  tables = backbones.make_tables(tiny_ds)
+  rows = tasks.pack_flat(tiny_ds, tiny_split.base_rows)
+  n = len(rows["users"])
+  assert pretrain.padded_rows(n, BATCH) >= n and pretrain.padded_rows(n, BATCH) % BATCH == 0
+  assert pretrain.padded_rows(1000, 64) == 1024 and pretrain.padded_rows(1024, 64) == 1024
+  tx = pretrain.make_optimizer(LR)
+  fn = pretrain.make_epoch_fn(model, tx, tables, BATCH)
+  init = lambda: pretrain.init_state(backbones.init_params(model, tables, jax.random.key(0)),
+                                     tx, jax.random.key(1))
+  plain, plain_losses = fn(init(), rows["users"], rows["items"], rows["labels"], 0)
+  pad = lambda x: np.pad(x, (0, 3 * BATCH + 5), constant_values=7)  # junk past n
+  padded, padded_losses = fn(init(), pad(rows["users"]), pad(rows["items"]),
+                             pad(rows["labels"]), 0, n)
+  assert padded_losses.shape == plain_losses.shape == (n // BATCH,)
+  _assert_bit_exact(padded, plain)  # the empty batch slots and junk rows did nothing
+  # Two backbones on different row counts in one bucket: one compiled epoch.
+  program = pretrain._cached_epoch_program(model, LR, 0.0, BATCH, 0.0, sharding.task_mesh())
+  for name, m in (("a", n), ("b", n - BATCH - 3)):
+    assert pretrain.padded_rows(m, BATCH) == pretrain.padded_rows(n, BATCH)
+    pretrain.pretrain_backbone(model, tables, {k: v[:m] for k, v in rows.items()},
+                               jax.random.key(0), epochs=1, batch_size=BATCH, lr=LR,
+                               ckpt_dir=tmp_path / name, log=lambda _: None)
+  assert program._cache_size() == 1
+
+
 def test_pretraining_lowers_the_training_loss(tiny_ds, tiny_split, tiny_backbone,
                                              random_params):
   bb = tiny_backbone
