@@ -233,21 +233,27 @@ def _linear_path(r_fit: jnp.ndarray, e_fit: jnp.ndarray, r_new: jnp.ndarray,
   return (r_new - mu_r) @ w + mu_e
 
 
-def _predict_all(kind: str, r_fit, e_fit, r_new, cands) -> list[jnp.ndarray]:
+def _predict_all(kind: str, r_fit, e_fit, r_new, cands) -> np.ndarray:
   """Predictions on r_new of a fit on (r_fit, e_fit) for every candidate.
 
   Ridge and lowrank take one program for all candidates (one SVD serves
-  every lambda, a batched one every rank); knn fits each candidate.
+  every lambda, a batched one every rank) and one transfer, indexed on the
+  host (a device slice per candidate cost more than the fit); knn fits each
+  candidate.
+
+  Returns:
+    [len(cands), n_new, d] (numpy).
   """
   if kind in ("ridge", "lowrank"):
     lams = sorted({c["ridge_lambda"] for c in cands})
     ranks = tuple(sorted({int(c["rank"]) for c in cands})) if kind == "lowrank" else None
-    out = _linear_path(r_fit, e_fit, r_new, jnp.asarray(lams, jnp.float32), ranks)
+    out = np.asarray(_linear_path(r_fit, e_fit, r_new, jnp.asarray(lams, jnp.float32), ranks))
     li = [lams.index(c["ridge_lambda"]) for c in cands]
     if ranks is None:
-      return [out[l] for l in li]
-    return [out[l, ranks.index(int(c["rank"]))] for l, c in zip(li, cands)]
-  return [apply(kind, fit(kind, r_fit, e_fit, **c), r_new) for c in cands]
+      return out[li]
+    return out[li, [ranks.index(int(c["rank"])) for c in cands]]
+  return np.stack([np.asarray(apply(kind, fit(kind, r_fit, e_fit, **c), r_new))
+                   for c in cands])
 
 
 def out_of_fold(kind: str, r: jnp.ndarray, e: jnp.ndarray, fold: np.ndarray,
@@ -293,8 +299,7 @@ def cross_validate(kind: str, r: jnp.ndarray, e: jnp.ndarray, key: jax.Array,
   preds = np.zeros((len(cands),) + e_np.shape, np.float32)
   for f in range(folds):
     te = fold == f
-    out = _predict_all(kind, r_np[~te], e_np[~te], r_np[te], cands)
-    preds[:, te] = np.asarray(jnp.stack(out))
+    preds[:, te] = _predict_all(kind, r_np[~te], e_np[~te], r_np[te], cands)
   scores = [fvu(p, e_np) for p in preds]
   best = int(np.argmin(scores))
   return {"candidates": cands, "fvus": scores, "best": best,

@@ -1,13 +1,15 @@
 """EmerFlow end to end on a tiny synthetic world: fit, cold, refine, resume."""
 
 import dataclasses
+import logging
 import pathlib
 
 import jax
 import numpy as np
 import pytest
 
-from emerflow_jax import emerflow, methods, pretrain, protocol, rule, tasks, train
+from emerflow_jax import (checkpoint, emerflow, emerflow_meta, methods, pretrain, protocol,
+                          rule, tasks, train)
 from emerflow_jax.data import synthetic
 from emerflow_jax.models import backbones
 from experiments.configs import synthetic as synthetic_config
@@ -43,15 +45,45 @@ def test_methods_produce_finite_phase_metrics(tmp_path, name):
   assert all(np.isfinite(v) for v in out["auc"].values())
 
 
-def test_meta_training_resumes_to_the_same_parameters(tmp_path):
-  method, ctx = _context(tmp_path / "full", "emerflow")
+class _Killed(Exception):
+  pass
+
+
+def test_meta_training_resumes_to_the_same_parameters(tmp_path, monkeypatch, caplog):
+  every = {"meta.ckpt_every_s": 0.0}  # a checkpoint after every epoch
+  method, ctx = _context(tmp_path / "full", "emerflow", **every)
   full = method.fit(ctx)["params"]
-  method, ctx = _context(tmp_path / "killed", "emerflow", **{"meta.epochs": 1})
-  method.fit(ctx)  # "killed" after one epoch: its checkpoint stays on disk
-  method, ctx = _context(tmp_path / "killed", "emerflow")
-  resumed = method.fit(ctx)["params"]
+  # Killed right after the first epoch's checkpoint, same config.
+  real_log = emerflow_meta._log_epochs
+
+  def log_then_die(*args):
+    real_log(*args)
+    raise _Killed
+
+  monkeypatch.setattr(emerflow_meta, "_log_epochs", log_then_die)
+  method, ctx = _context(tmp_path / "killed", "emerflow", **every)
+  with pytest.raises(_Killed):
+    method.fit(ctx)
+  (stage,) = (tmp_path / "killed").glob("meta-*")
+  assert checkpoint.Checkpointer(stage).latest_step() == 1
+  monkeypatch.setattr(emerflow_meta, "_log_epochs", real_log)
+  method, ctx = _context(tmp_path / "killed", "emerflow", **every)
+  with caplog.at_level(logging.INFO):
+    resumed = method.fit(ctx)["params"]
+  assert "meta: resumed at epoch 1" in caplog.text
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_meta_training_saves_only_on_its_time_budget(tmp_path):
+  """A stage shorter than ``meta.ckpt_every_s`` writes no checkpoint (a
+  killed run recomputes it); a zero budget saves every epoch."""
+  for every, steps in ((3600.0, []), (0.0, [1, 2])):
+    method, ctx = _context(tmp_path / str(every), "emerflow", **{"meta.ckpt_every_s": every})
+    method.fit(ctx)
+    (stage,) = (tmp_path / str(every)).glob("meta-*")
+    with checkpoint.Checkpointer(stage) as ckpt:
+      assert sorted(ckpt._manager.all_steps()) == steps
 
 
 def test_warm_phases_only_move_item_embeddings(tmp_path):

@@ -94,7 +94,7 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.meta.epochs = 50              # passes over all meta-training tasks (ML-100K DeepFM, 3 seeds: mean val AUC .7351/.7350 at 50 vs 100, half the time)
   c.meta.batch_tasks = 64         # tasks per meta step
   c.meta.lr = 1e-3                # outer Adam learning rate
-  c.meta.ckpt_every_s = 30.0      # checkpoint meta-training at most this often (s of training) and after the last epoch
+  c.meta.ckpt_every_s = 30.0      # checkpoint meta-training at most this often (s of training); a shorter stage is recomputed on resume
   c.meta.alpha_lr = 1e-2          # outer Adam learning rate of log alpha (0 -> meta.lr)
   c.meta.support_rows = k         # chunk tasks: padded support width (K mimics a warm phase)
   c.meta.query_rows = 4 * k       # padded query width (flow: sampled from the rows after the phases)
