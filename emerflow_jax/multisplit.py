@@ -172,8 +172,10 @@ def summary_markdown(summary: dict, title: str | None = None) -> str:
   for t in summary["tally"]:
     cells = ["/".join(str(t["phases"][p][o]) for o in OUTCOMES) for p in report.PHASES]
     lines.append(f"| {t['backbone']} | {t['method']} | " + " | ".join(cells) + " |")
+  per_trial = int(summary.get("trial_seeds", 1))
   tuned = (f"each method tuned with {summary['tune_trials']} Optuna trials on the "
-           "validation holdout" if summary["tune_trials"] else "no tuning")
+           "validation holdout" + (f", each scored on {per_trial} seeds" if per_trial > 1
+                                   else "") if summary["tune_trials"] else "no tuning")
   recorded = summary.get("recorded_seconds")
   wall = (f"the runs and trials took {recorded:.0f} s when they ran, this invocation "
           f"{summary['seconds']:.0f} s" if recorded is not None
@@ -259,7 +261,9 @@ def run_splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                     "unsupported": grid["unsupported"], "runs": len(grid["runs"])})
   summary = {"dataset": dataset, "splits": records, "tally": tally(per_split),
              "intervals": per_split, "level": level, "n_boot": n_boot,
-             "tune_trials": tune_trials, "seconds": t_total,
+             "tune_trials": tune_trials,
+             "trial_seeds": int((tune_kwargs or {}).get("trial_seeds", 1)),
+             "seconds": t_total,
              "recorded_seconds": recorded}
   results.write_json_atomic(workdir / "summary.json", summary)
   report.write_text_atomic(workdir / "summary.md", summary_markdown(summary))

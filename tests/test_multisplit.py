@@ -77,6 +77,15 @@ def test_intervals_and_wins_ties_losses_over_splits(tmp_path):
   assert again["tally"] == summary["tally"]
 
 
+def test_summary_states_the_tuning_budget_and_its_validation_seeds():
+  base = {"dataset": "d", "splits": [], "tally": [], "level": 0.95, "seconds": 1.0}
+  one = multisplit.summary_markdown(dict(base, tune_trials=4))  # older summaries
+  two = multisplit.summary_markdown(dict(base, tune_trials=4, trial_seeds=2))
+  assert "tuned with 4 Optuna trials on the validation holdout;" in one
+  assert "tuned with 4 Optuna trials on the validation holdout, each scored on 2 seeds;" in two
+  assert "no tuning" in multisplit.summary_markdown(dict(base, tune_trials=0, trial_seeds=2))
+
+
 def test_an_own_backbone_baseline_is_paired_with_emerflow_on_every_backbone(tmp_path):
   # emerg runs only on emerg_gnn; the grid has fm and deepfm.  EmerFlow is far
   # ahead at cold and far behind at warm_c, on both.
