@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emerflow_jax import align, closedform, metrics, pretrain, prior
+from emerflow_jax import align, closedform, metrics, pretrain, prior, programs
 from emerflow_jax.models import backbones
 
 
 
-@functools.lru_cache(maxsize=None)
+@programs.cached()
 def _score_fn(model: backbones.Backbone):
   """``backbones.score`` for ``model``, compiled (once per model and row count)."""
   return jax.jit(functools.partial(backbones.score, model))

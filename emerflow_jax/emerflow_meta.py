@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from emerflow_jax import (align, checkpoint, curves, meta, methods, protocol, rule,
-                          sharding, tasks)
+from emerflow_jax import (align, checkpoint, curves, meta, methods, programs, protocol,
+                          rule, sharding, tasks)
 
 
 def meta_config(cfg: ml_collections.ConfigDict) -> meta.MetaConfig:
@@ -83,7 +83,7 @@ def _optimizer(lr: float, alpha_lr: float) -> optax.GradientTransformation:
                                label)
 
 
-@functools.lru_cache(maxsize=32)
+@programs.cached(maxsize=32)
 def _train_step(model, mapper, mcfg: meta.MetaConfig, lr: float, alpha_lr: float,
                 mesh: jax.sharding.Mesh):
   """(the jitted meta step, its optimizer), built once per process and setting:
@@ -201,7 +201,7 @@ def _device_epochs(ctx: methods.Context, split: protocol.Split,
   return epoch_batches
 
 
-@functools.lru_cache(maxsize=32)
+@programs.cached(maxsize=32)
 def _sample_program(query_rows: int, batch_tasks: int, extra: int, n_batches: int,
                     mesh: jax.sharding.Mesh) -> Any:
   """jit(sample(pool, key, epoch)) -> the epoch's batches, each split over ``mesh``.

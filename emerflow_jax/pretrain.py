@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from emerflow_jax import checkpoint, curves, sharding
+from emerflow_jax import checkpoint, curves, programs, sharding
 from emerflow_jax.models import backbones
 
 State = dict[str, Any]
@@ -178,7 +178,7 @@ def _epoch_program(model: backbones.Backbone, tx: optax.GradientTransformation,
 
 # One compiled epoch per (model, optimiser settings, batch, dropout, mesh):
 # later backbones of a process (other seeds, the auxiliary backbone) reuse it.
-_cached_epoch_program = functools.lru_cache(maxsize=64)(
+_cached_epoch_program = programs.cached(maxsize=64)(
     lambda model, lr, weight_decay, batch_size, item_dropout, mesh: _epoch_program(
         model, make_optimizer(lr, weight_decay), batch_size, item_dropout, mesh))
 

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from emerflow_jax import (cache, checkpoint, curves, data, methods, metrics, pretrain,
-                          protocol, results, tasks, warmup)
+                          programs, protocol, results, tasks, warmup)
 from emerflow_jax.models import backbones
 
 BACKBONE_SECTIONS = ("backbone", "data", "model", "optim")
@@ -301,6 +301,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns:
     The results.json dict.
   """
+  try:
+    return _train_and_evaluate(config, workdir)
+  finally:
+    # The seeds shared compiled programs; the next run of this process (a
+    # grid, a tuning study) must not inherit them all (``programs``).
+    programs.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from emerflow_jax import tasks
+from emerflow_jax import programs, tasks
 from emerflow_jax.models import backbones, scoring
 
 
@@ -85,7 +85,7 @@ def predict(model: backbones.Backbone, params: Any, tables: backbones.Tables,
   return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
-@functools.lru_cache(maxsize=None)
+@programs.cached()
 def _predict_fn(model: backbones.Backbone) -> Callable[..., jnp.ndarray]:
   def fn(params, tables, users, items, e):
     return jax.nn.sigmoid(backbones.score(model, params, tables, users, items, e))

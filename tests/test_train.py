@@ -210,3 +210,25 @@ def test_an_auxiliary_backbone_trains_its_own_epochs_and_main_keeps_its_key(tmp_
   with pytest.raises(ValueError, match="auxiliary"):
     train.execute_plan(config, ds, split, methods.Plan(
         backbones=(methods.BackboneSpec(epochs=1),)), 0, tmp_path, model, tables)
+
+
+def test_a_run_releases_its_compiled_programs(tmp_path):
+  """The seeds of a run share programs; a process running many runs keeps none."""
+  from emerflow_jax import align_diagnostics, emerflow_meta, posterior, programs
+  c = synthetic_config.get_config("smoke")
+  c.method = "emerflow"
+  seen = {}
+  real = programs.release
+
+  def spy():
+    seen["train_step"] = emerflow_meta._train_step.cache_info().currsize
+    seen["pooled"] = posterior.pooled_correction._cache_size()
+    real()
+
+  import unittest.mock
+  with unittest.mock.patch.object(programs, "release", spy):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert seen["train_step"] >= 1 and seen["pooled"] >= 1  # held during the run
+  assert emerflow_meta._train_step.cache_info().currsize == 0
+  assert align_diagnostics._score_fn.cache_info().currsize == 0
+  assert posterior.pooled_correction._cache_size() == 0
