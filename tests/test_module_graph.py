@@ -3,8 +3,8 @@
 data -> protocol -> backbone -> align -> meta -> warm-up -> metrics, then the
 harness (methods, the methods themselves, train, the grids): a module may
 import one of its own layer or an earlier one, never a later one.  Shared
-utilities (checkpoints, devices, curves, cache keys, search spaces) sit below
-everything and import no layer.
+utilities (checkpoints, devices, curves, cache keys, search spaces, cached
+compiled programs) sit below everything and import no layer.
 """
 
 import ast
@@ -12,7 +12,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "emerflow_jax"
 LAYERS = (
-    ("utility", ("checkpoint", "sharding", "curves", "cache", "space")),
+    ("utility", ("checkpoint", "sharding", "curves", "cache", "space", "programs")),
     ("data", ("data", "enrich")),
     ("protocol", ("protocol", "tasks")),
     ("backbone", ("models", "pretrain")),
