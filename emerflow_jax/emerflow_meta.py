@@ -10,7 +10,6 @@ their task/item axis over every device (``sharding.task_mesh``).
 
 from __future__ import annotations
 
-import functools
 import logging
 import pathlib
 import time

@@ -47,7 +47,8 @@ for s in $SETTINGS; do
   start=$(date +%s)
   "$PY" -m experiments.compare --config="experiments/configs/$config.py" \
     --workdir="$OUT/$s" --methods=$METHODS --backbones=$backbones \
-    --seeds="$SEEDS" --splits=config --tune="$TRIALS" --trial_seeds="$TRIAL_SEEDS" --results_md="$RESULTS_MD" \
+    --seeds="$SEEDS" --splits=config --tune="$TRIALS" --trial_seeds="$TRIAL_SEEDS" \
+    --results_md="$RESULTS_MD" \
     --section="$name, tuning from each method's config (9 methods)" "${extra[@]}"
   echo "grid: $s took $(( $(date +%s) - start )) s"
 done

@@ -13,7 +13,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from emerflow_jax import cache, curves, data, methods, metrics, pretrain, protocol, train
+from emerflow_jax import (align_diagnostics, cache, curves, data, emerflow_meta, methods,
+                          metrics, posterior, pretrain, programs, protocol, train)
 from emerflow_jax.data import dataset, synthetic
 from emerflow_jax.models import backbones
 from experiments.configs import synthetic as synthetic_config
@@ -212,9 +213,8 @@ def test_an_auxiliary_backbone_trains_its_own_epochs_and_main_keeps_its_key(tmp_
         backbones=(methods.BackboneSpec(epochs=1),)), 0, tmp_path, model, tables)
 
 
-def test_a_run_releases_its_compiled_programs(tmp_path):
+def test_a_run_releases_its_compiled_programs(tmp_path, monkeypatch):
   """The seeds of a run share programs; a process running many runs keeps none."""
-  from emerflow_jax import align_diagnostics, emerflow_meta, posterior, programs
   c = synthetic_config.get_config("smoke")
   c.method = "emerflow"
   seen = {}
@@ -225,9 +225,8 @@ def test_a_run_releases_its_compiled_programs(tmp_path):
     seen["pooled"] = posterior.pooled_correction._cache_size()
     real()
 
-  import unittest.mock
-  with unittest.mock.patch.object(programs, "release", spy):
-    train.train_and_evaluate(c, str(tmp_path / "run"))
+  monkeypatch.setattr(programs, "release", spy)
+  train.train_and_evaluate(c, str(tmp_path / "run"))
   assert seen["train_step"] >= 1 and seen["pooled"] >= 1  # held during the run
   assert emerflow_meta._train_step.cache_info().currsize == 0
   assert align_diagnostics._score_fn.cache_info().currsize == 0
