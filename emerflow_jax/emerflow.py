@@ -146,7 +146,8 @@ class EmerFlow(methods.Method):
                     "align.weight_decay": space.Float(1e-5, 1e-2, log=True)})
       else:
         out["align.kind"] = space.Categorical(("lowrank", "ridge", "knn"))
-      out.update({f"regen.keep_{p}": space.Float(0.5, 1.0) for p in "abc"})
+      if not config.regen.keep_cv:  # else each phase's share is chosen by CV on its rows
+        out.update({f"regen.keep_{p}": space.Float(0.5, 1.0) for p in "abc"})
     if self.use_meta:
       out.update({"meta.alpha": space.Float(3e-3, 3e-2, log=True),
                   "meta.alpha_lr": space.Float(1e-3, 1e-1, log=True),
@@ -214,12 +215,14 @@ class EmerFlow(methods.Method):
   def _regen_state(self, ctx: methods.Context, r: np.ndarray) -> dict[str, Any] | None:
     """What ``posterior.regenerate`` needs after each phase (None when off)."""
     keep = emerflow_options.regen_keep(ctx.config)
-    if not self.use_align or all(k >= 1.0 for k in keep):
+    if not self.use_align or (all(k >= 1.0 for k in keep) and not ctx.config.regen.keep_cv):
       return None
     r_old = jnp.asarray(r[ctx.split.old_items])
     e_old = ctx.old_item_embeddings()
     lam = float(ctx.config.regen.lam) or posterior.choose_lambda(r_old, e_old)
-    logging.info("regen: keep %s, ridge lambda %g", keep, lam)
+    logging.info("regen: keep %s, ridge lambda %g",
+                 f"by CV among {tuple(ctx.config.regen.keep_cv)} and 1"
+                 if ctx.config.regen.keep_cv else keep, lam)
     return {"r_old": r_old, "e_old": e_old, "lam": lam, "keep": keep,
             "r": jnp.asarray(r)}
 
@@ -400,7 +403,16 @@ class EmerFlow(methods.Method):
           lr=float(g.pool_lr), lambdas=jnp.asarray(lambdas, jnp.float32),
           folds=int(g.pool_folds))
       logging.info("regen: pooled correction, phase %d, penalty %s", phase, float(lam))
+    regen = state.get("regen")
+    keep = None if regen is None else regen["keep"][phase]
     if not self.use_meta or ctx.config.warmup.rule == "finetune":
+      if regen is not None and g.keep_cv:  # the fine-tuning, as Adam steps of the rule
+        w = ctx.config.warmup
+        keep = self._choose_keep(ctx, state, {"log_alpha": jnp.log(jnp.float32(w.lr))},
+                                 dataclasses.replace(emerflow_meta.meta_config(ctx.config),
+                                                     inner_steps=int(w.steps), rule="adam",
+                                                     phase_alpha=False),
+                                 emb, rows, items, phase)
       emb, state = super().refine(ctx, state, emb, batch, items, phase)
     else:
       mcfg = emerflow_meta.meta_config(ctx.config)
@@ -413,13 +425,26 @@ class EmerFlow(methods.Method):
         logging.info("regen: step size x%g, phase %d (held-out gains %s)", float(scale),
                      phase, np.round(np.asarray(gains), 2).tolist())
         params = rule.scaled(params, scale)
+      if regen is not None and g.keep_cv:
+        keep = self._choose_keep(ctx, state, params, mcfg, emb, rows, items, phase)
       emb = emerflow_meta.refine_items(params, ctx.model, mcfg, state["frozen"], emb, rows,
                                        phase=phase)
-    g = state.get("regen")
-    if g is not None:
-      emb = posterior.regenerate(g["r_old"], g["e_old"], g["r"][jnp.asarray(items)], emb,
-                                 g["lam"], g["keep"][phase])
+    if regen is not None:
+      emb = posterior.regenerate(regen["r_old"], regen["e_old"],
+                                 regen["r"][jnp.asarray(items)], emb, regen["lam"], keep)
     return emb, state
+
+  def _choose_keep(self, ctx, state, params, mcfg, emb, rows, items, phase) -> jnp.ndarray:
+    """``posterior.choose_keep`` of ``regen.keep_cv`` (and 1) on the phase's rows."""
+    g, regen = ctx.config.regen, state["regen"]
+    keeps = tuple(float(k) for k in g.keep_cv) + (1.0,)
+    keep, gains = posterior.choose_keep(
+        params, ctx.model, mcfg, state["frozen"], emb, rows, jnp.asarray(phase, jnp.int32),
+        jnp.asarray(keeps, jnp.float32), int(g.keep_folds), regen["r_old"], regen["e_old"],
+        regen["r"][jnp.asarray(items)], regen["lam"])
+    logging.info("regen: keep %g, phase %d (held-out gains of %s: %s)", float(keep), phase,
+                 keeps, np.round(np.asarray(gains), 2).tolist())
+    return keep
 
 
 class EmerFlowNoLLM(EmerFlow):

@@ -13,7 +13,9 @@ Which ``meta`` options combine (``check`` raises on anything else):
 - ``support_rows`` is read by chunk tasks only (flow tasks use ``data.k``);
 - ``regen.step_scales`` are positive factors that hold 1.0 (``()`` turns the
   step-size CV off), ``regen.scale_phases`` letters of "abc", and
-  ``regen.scale_folds`` at least 2; ``regen.keep_*`` lie in [0, 1].
+  ``regen.scale_folds`` at least 2; ``regen.keep_*`` lie in [0, 1];
+  ``regen.keep_cv`` shares lie in [0, 1) and replace ``regen.keep_*`` (which
+  must then be 1), with ``regen.keep_folds`` at least 2.
 """
 
 from __future__ import annotations
@@ -72,5 +74,14 @@ def check(config: ml_collections.ConfigDict) -> None:
                      "(() turns the CV off)")
   if not set(str(g.scale_phases)) <= set("abc"):
     raise ValueError(f"regen.scale_phases takes letters of 'abc', got {g.scale_phases!r}")
+  keeps = tuple(float(k) for k in g.keep_cv)
+  if keeps and not all(0.0 <= k < 1.0 for k in keeps):
+    raise ValueError("regen.keep_cv are shares of the adapted embedding tried against 1 "
+                     f"(no regeneration): each must be in [0, 1), got {keeps}")
+  if keeps and any(k < 1.0 for k in regen_keep(config)):
+    raise ValueError("regen.keep_cv chooses each phase's share by CV; it replaces "
+                     "regen.keep_a/b/c, which must then be 1")
+  if keeps and int(g.keep_folds) < 2:
+    raise ValueError(f"regen.keep_folds must be at least 2, got {g.keep_folds}")
   if scales and int(g.scale_folds) < 2:
     raise ValueError(f"regen.scale_folds must be at least 2, got {g.scale_folds}")

@@ -25,19 +25,27 @@ with e0_i the item's cold (aligned) embedding and c the old-item mean: delta
 is the shift the new items need as a population (they are newer and rarer
 than the old items the backbone was fit on), and A re-weighs the aligned
 content prior by what the rows say about it.
+
+``choose_keep`` picks ``keep_p`` itself from the new items' own phase rows, by
+row-fold cross-validation (``regen.keep_cv``): the validation holdout's old
+items cannot say how well text predicts the embeddings of new ones.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from emerflow_jax import rule
 from emerflow_jax.models import backbones, scoring
+
+if TYPE_CHECKING:
+  from emerflow_jax import meta  # pylint: disable=g-bad-import-order
 
 LAMBDAS = (1.0, 10.0, 100.0, 1e3, 1e4)
 
@@ -93,17 +101,94 @@ def regenerate(r_old: jnp.ndarray, e_old: jnp.ndarray, r_new: jnp.ndarray,
     r_new: [n, D] the new items' text vectors.
     e_new: [n, d] their embeddings after the phase.
     lam: ridge penalty.
-    keep: share of the item's own embedding kept (1 = no regeneration).
+    keep: share of the item's own embedding kept (1 = no regeneration; a []
+      array, as ``choose_keep`` returns, is blended whatever its value: at 1
+      that gives ``e_new`` exactly).
 
   Returns:
     [n, d] blended embeddings.
   """
-  if keep >= 1.0:
+  if isinstance(keep, (int, float)) and keep >= 1.0:
     return e_new
   r = jnp.concatenate([r_old, r_new], 0)
   e = jnp.concatenate([e_old, e_new], 0)
   loo = loo_ridge(r, e, jnp.asarray(lam, r.dtype))[r_old.shape[0]:]
   return keep * e_new + (1.0 - keep) * loo
+
+
+KEEP_Z = 2.0    # content regeneration is kept only above this many standard errors of gain
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "folds"))
+def choose_keep(meta_params: dict[str, Any], model: backbones.Backbone,
+                cfg: "meta.MetaConfig", frozen: dict[str, Any], emb: jnp.ndarray,
+                batch: dict[str, jnp.ndarray], phase: Any, keeps: jnp.ndarray,
+                folds: int, r_old: jnp.ndarray, e_old: jnp.ndarray, r_new: jnp.ndarray,
+                lam: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """How much content regeneration this population's own rows support, by row-fold CV.
+
+  ``posterior.regenerate`` blends each new item's adapted embedding with a
+  leave-one-out ridge prediction from text, ``keep * e + (1 - keep) * loo``.
+  Whether that helps depends on how well the text predicts *these* items'
+  embeddings, which old items (the validation holdout) cannot tell: they are
+  older and better known.  So the share is chosen on the new items' own phase
+  rows, as ``choose_step_scale`` chooses the step size: each item's valid rows
+  are dealt into ``folds`` folds in time order; for fold f every item is
+  adapted by the rule (step size of ``meta_params``) from ``emb`` on its rows
+  outside f, the ridge is refit on the old items and these adapted
+  embeddings, every candidate blend is scored (BCE) on the rows in f.  The
+  share with the lowest held-out loss summed over items is kept only when its
+  gain over keep = 1 (no regeneration) is above ``KEEP_Z`` standard errors of
+  its mean over items; otherwise it is 1.  Only the phase's rows enter.
+
+  Args:
+    meta_params: holds the learned ``log_alpha`` (already rescaled, if it is).
+    model: the frozen backbone module.
+    cfg: the inner-loop settings.
+    frozen: backbone params and tables.
+    emb: [n, d] the items' embeddings before the phase's steps.
+    batch: the phase's Packed rows, each [n, K].
+    phase: warm phase index (picks alpha_p with per-phase step sizes).
+    keeps: [m] candidate shares in [0, 1]; must hold 1.0.
+    folds: row folds per item (at least 2).
+    r_old, e_old: [o, D], [o, d] old items' text vectors and embeddings.
+    r_new: [n, D] the new items' text vectors.
+    lam: [] the ridge penalty.
+
+  Returns:
+    ([] the chosen share, [m] the summed held-out gain of each share over 1).
+  """
+  loss_fn = functools.partial(scoring.item_loss, model, frozen["params"], frozen["tables"])
+  rows = scoring.prepare(model, frozen["params"], frozen["tables"],
+                         {k: batch[k] for k in scoring.ROW_KEYS})
+  alpha = rule.step_size(meta_params, phase if cfg.phase_alpha else None)
+  mask = rows["mask"].astype(emb.dtype)
+  fold = (jnp.cumsum(mask, axis=1) - 1.0) % folds                       # [n, K]
+  labels = rows["labels"].astype(emb.dtype)
+  r_all = jnp.concatenate([r_old, r_new], 0)
+  keeps = keeps.astype(emb.dtype)
+
+  def per_fold(f):
+    held = mask * (fold == f)
+    support = dict(rows, mask=mask * (fold != f))
+    e = jax.vmap(lambda e0, r: rule.adapt(loss_fn, e0, r, alpha, cfg.inner_steps,
+                                     rule=cfg.rule))(emb, support)
+    loo = loo_ridge(r_all, jnp.concatenate([e_old, e], 0),
+                              jnp.asarray(lam, emb.dtype))[r_old.shape[0]:]
+
+    def held_loss(k):
+      logits = jax.vmap(functools.partial(scoring.item_logits, model, frozen["params"],
+                                          frozen["tables"]))(k * e + (1.0 - k) * loo, rows)
+      return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels) * held, 1)  # [n]
+    return jax.vmap(held_loss)(keeps)                                    # [m, n]
+
+  loss = jax.vmap(per_fold)(jnp.arange(folds, dtype=emb.dtype)).sum(0)  # [m, n]
+  ref = jnp.argmin(jnp.abs(keeps - 1.0))
+  gain = loss[ref][None, :] - loss                                       # [m, n]
+  best = jnp.argmax(gain.sum(1))
+  g = gain[best]
+  use = jnp.mean(g) > KEEP_Z * jnp.std(g) / jnp.sqrt(emb.shape[0])
+  return jnp.where(use, keeps[best], jnp.ones((), keeps.dtype)), gain.sum(1)
 
 
 POOL_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1)

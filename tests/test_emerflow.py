@@ -5,6 +5,7 @@ import logging
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -196,7 +197,7 @@ def test_refine_uses_the_phase_it_is_given(tmp_path):
 def test_regeneration_blends_the_adapted_embedding_with_content(tmp_path):
   """regen.keep_p < 1: after phase p, e <- keep e + (1 - keep) ridge_{-i}(r_i)."""
   from emerflow_jax import posterior  # pylint: disable=g-import-not-at-top
-  method, ctx = _context(tmp_path, "emerflow", **{"regen.keep_b": 0.7})
+  method, ctx = _context(tmp_path, "emerflow", **{"regen.keep_b": 0.7, "regen.keep_cv": ()})
   state = method.fit(ctx)
   g = state["regen"]
   assert g["keep"] == (1.0, 0.7, 1.0) and g["lam"] in posterior.LAMBDAS
@@ -215,11 +216,41 @@ def test_regeneration_blends_the_adapted_embedding_with_content(tmp_path):
                                                  s.emerging_items, 0)[0], rtol=1e-6)
 
 
+def test_cv_chosen_regeneration_uses_the_share_choose_keep_returns(tmp_path, caplog):
+  """regen.keep_cv: each phase blends with the share ``posterior.choose_keep``
+  picks on that phase's rows (after the step-size CV), 1 meaning no blend."""
+  from emerflow_jax import emerflow_meta, posterior  # pylint: disable=g-import-not-at-top
+  keeps = (0.0, 0.5)
+  method, ctx = _context(tmp_path, "emerflow", **{"regen.keep_cv": keeps,
+                                                  "regen.pool_steps": 0,
+                                                  "regen.step_scales": ()})
+  state = method.fit(ctx)
+  g = state["regen"]
+  assert g is not None and g["keep"] == (1.0, 1.0, 1.0)
+  s = ctx.split
+  emb = method.cold(ctx, state, s.emerging_items)
+  batch = tasks.pack_phase(ctx.ds, s.warm_rows["warm_a"])
+  rows = {k: jnp.asarray(v) for k, v in batch.items()}
+  mcfg = emerflow_meta.meta_config(ctx.config)
+  keep, gains = posterior.choose_keep(
+      state["params"], ctx.model, mcfg, state["frozen"], emb, rows, jnp.asarray(0),
+      jnp.asarray(keeps + (1.0,)), int(ctx.config.regen.keep_folds), g["r_old"], g["e_old"],
+      g["r"][s.emerging_items], g["lam"])
+  assert float(gains[-1]) == 0.0 and float(keep) in keeps + (1.0,)
+  adapted = emerflow_meta.refine_items(state["params"], ctx.model, mcfg, state["frozen"],
+                                       emb, rows, phase=0)
+  want = posterior.regenerate(g["r_old"], g["e_old"], g["r"][s.emerging_items], adapted,
+                              g["lam"], keep)
+  got, _ = method.refine(ctx, state, emb, batch, s.emerging_items, 0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_pooled_correction_comes_before_the_rule_with_the_cold_prior(tmp_path):
   """regen.pool_steps > 0: refine = rule(pooled_correction(e; prior = e0 - center))."""
   from emerflow_jax import posterior  # pylint: disable=g-import-not-at-top
   method, ctx = _context(tmp_path / "on", "emerflow", **{"regen.pool_steps": 15,
-                                                         "regen.pool_lam": 1e-3})
+                                                         "regen.pool_lam": 1e-3,
+                                                         "regen.keep_cv": ()})
   state = method.fit(ctx)
   s = ctx.split
   emb = method.cold(ctx, state, s.emerging_items) + 3.0  # a population off by a shift
@@ -240,7 +271,8 @@ def test_pooled_correction_comes_before_the_rule_with_the_cold_prior(tmp_path):
 def test_refine_rescales_the_rule_by_the_factor_the_row_cv_chooses(tmp_path):
   """regen.step_scales: refine = rule(emb; alpha x choose_step_scale(...))."""
   from emerflow_jax import emerflow_meta, meta  # pylint: disable=g-import-not-at-top
-  method, ctx = _context(tmp_path, "emerflow", **{"regen.pool_steps": 0})
+  method, ctx = _context(tmp_path, "emerflow", **{"regen.pool_steps": 0,
+                                                  "regen.keep_cv": ()})
   state = method.fit(ctx)
   s = ctx.split
   # A population far from where the rule's small steps can reach.

@@ -103,6 +103,8 @@ def base_config(dataset: str, n_max: int, k: int) -> ml_collections.ConfigDict:
   c.regen.keep_a = 1.0            # share of the adapted embedding kept after warm_a (1 = off)
   c.regen.keep_b = 1.0            # ... after warm_b
   c.regen.keep_c = 1.0            # ... after warm_c
+  c.regen.keep_cv = (0.25, 0.5, 0.75)  # shares < 1 tried per phase by row-fold CV on the new items' own phase rows against 1, no regeneration (posterior.choose_keep; () = off, then keep_* apply and are tuned)
+  c.regen.keep_folds = 3          # row folds per item of that CV
   c.regen.lam = 0.0               # ridge penalty (0 -> chosen by leave-one-out error on old items)
   c.regen.pool_steps = 20         # before each phase's own steps: Adam steps of one correction shared by all new items, fit on their pooled rows (0 = off; on validation items CV over items rejects it, so validation AUC is unchanged)
   c.regen.pool_lr = 1e-2          # its Adam learning rate
