@@ -25,10 +25,15 @@ scores the new items' own phase rows best under row-fold CV
 (``rule.choose_step_scale``; 1 unless another factor is clearly better): the
 step size was learned on old items, and a new population may need larger or
 smaller moves.  Run in every phase, it raised validation AUC at warm_a and
-lowered it at warm_b and warm_c (summed over 5 datasets and 10 splits).
-After the rule, with ``regen.keep_p < 1``, content regeneration blends in a leave-one-out ridge
-prediction (``posterior.regenerate``; off: it lowered validation AUC at
-keep 0.8 on ML-100K).
+lowered it at warm_b and warm_c (summed over 5 datasets and 10 splits).  In
+the phases of ``regen.forward_phases`` (off by default) the factor is chosen
+instead by replaying the previous phase's step and scoring the current
+phase's rows (``rule.choose_step_scale_forward``).
+After the rule, content regeneration may blend in a leave-one-out ridge
+prediction from text (``posterior.regenerate``): with ``regen.keep_cv``
+(default) the share kept is chosen per phase by row-fold CV on the new items'
+own phase rows (``posterior.choose_keep``; 1, no blend, unless another share
+is clearly better), else it is the fixed ``regen.keep_p`` (1 = off; tuned).
 Both the meta-training step and the warm-up rule split their task/item axis
 over every device (``sharding.task_mesh``); one device is the trivial case.
 
@@ -417,7 +422,16 @@ class EmerFlow(methods.Method):
     else:
       mcfg = emerflow_meta.meta_config(ctx.config)
       params = state["params"]
-      if g.step_scales and protocol.WARM_PHASES[phase][-1] in g.scale_phases:
+      letter = protocol.WARM_PHASES[phase][-1]
+      hist = state.get("history")
+      if g.step_scales and letter in g.forward_phases and hist is not None:
+        scale, gains = rule.choose_step_scale_forward(
+            params, ctx.model, mcfg, state["frozen"], hist["emb"], hist["rows"], rows,
+            jnp.asarray(phase - 1, jnp.int32), jnp.asarray(g.step_scales, jnp.float32))
+        logging.info("regen: step size x%g, phase %d, from the previous phase (gains %s)",
+                     float(scale), phase, np.round(np.asarray(gains), 2).tolist())
+        params = rule.scaled(params, scale)
+      elif g.step_scales and letter in g.scale_phases:
         scale, gains = rule.choose_step_scale(
             params, ctx.model, mcfg, state["frozen"], emb,
             rows, jnp.asarray(phase, jnp.int32),
@@ -427,6 +441,8 @@ class EmerFlow(methods.Method):
         params = rule.scaled(params, scale)
       if regen is not None and g.keep_cv:
         keep = self._choose_keep(ctx, state, params, mcfg, emb, rows, items, phase)
+      if g.forward_phases:  # what the next phase's forward CV replays
+        state = dict(state, history={"emb": emb, "rows": rows})
       emb = emerflow_meta.refine_items(params, ctx.model, mcfg, state["frozen"], emb, rows,
                                        phase=phase)
     if regen is not None:

@@ -12,7 +12,8 @@ Which ``meta`` options combine (``check`` raises on anything else):
   ``learn_shrink`` (nothing else changes the cold phase);
 - ``support_rows`` is read by chunk tasks only (flow tasks use ``data.k``);
 - ``regen.step_scales`` are positive factors that hold 1.0 (``()`` turns the
-  step-size CV off), ``regen.scale_phases`` letters of "abc", and
+  step-size CV off), ``regen.scale_phases`` letters of "abc",
+  ``regen.forward_phases`` letters of "bc" (and needs step scales), and
   ``regen.scale_folds`` at least 2; ``regen.keep_*`` lie in [0, 1];
   ``regen.keep_cv`` shares lie in [0, 1) and replace ``regen.keep_*`` (which
   must then be 1), with ``regen.keep_folds`` at least 2.
@@ -72,6 +73,11 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise ValueError("regen.step_scales are factors of the learned step size compared "
                      f"with 1: they must be positive and hold 1.0 and another, got {scales} "
                      "(() turns the CV off)")
+  if not set(str(g.forward_phases)) <= set("bc"):
+    raise ValueError("regen.forward_phases takes letters of 'bc' (warm_a has no previous "
+                     f"phase), got {g.forward_phases!r}")
+  if g.forward_phases and not scales:
+    raise ValueError("regen.forward_phases chooses among regen.step_scales, which is empty")
   if not set(str(g.scale_phases)) <= set("abc"):
     raise ValueError(f"regen.scale_phases takes letters of 'abc', got {g.scale_phases!r}")
   keeps = tuple(float(k) for k in g.keep_cv)

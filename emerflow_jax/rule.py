@@ -5,7 +5,8 @@ pure and differentiable); ``meta.py`` differentiates through it to learn the
 step sizes.  ``adapt_items`` applies the learned rule to every new item of a
 warm phase at once, and ``choose_step_scale`` rescales the learned step size
 for a new population by cross-validation over the items' own phase rows
-(``scaled`` applies the factor).  Step sizes live in log space
+(``scaled`` applies the factor); from warm_b on, ``choose_step_scale_forward``
+instead replays the previous phase and scores the current one's rows.  Step sizes live in log space
 (``init_alpha``, ``step_size``): one scalar, one per dimension (Meta-SGD), or
 one per warm phase.
 """
@@ -224,6 +225,63 @@ def choose_step_scale(meta_params: dict[str, Any], model: backbones.Backbone,
   best = jnp.argmax(gain.sum(1))
   g = gain[best]                                                         # [n] per item
   use = jnp.mean(g) > SCALE_Z * jnp.std(g) / jnp.sqrt(emb.shape[0])
+  return jnp.where(use, scales[best], jnp.ones((), scales.dtype)), gain.sum(1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+def choose_step_scale_forward(meta_params: dict[str, Any], model: backbones.Backbone,
+                              cfg: "meta.MetaConfig", frozen: dict[str, Any],
+                              emb_prev: jnp.ndarray, prev_batch: dict[str, jnp.ndarray],
+                              batch: dict[str, jnp.ndarray], prev_phase: Any,
+                              scales: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The learned step size rescaled by how the last phase's step predicts this one's rows.
+
+  The protocol asks an adapted embedding to predict an item's *later* rows,
+  and from warm_b on the new items have a past and a present: this replays
+  the previous phase.  For every candidate factor s, every item is adapted
+  from ``emb_prev`` (its embedding before the previous phase's rule) on the
+  previous phase's rows with s times that phase's step size, and scored (BCE)
+  on the current phase's rows, which that step never saw.  The factor with
+  the lowest loss summed over items is kept only when its gain over s = 1 is
+  above ``SCALE_Z`` standard errors of its mean over items; otherwise 1.
+  Only revealed rows enter (the previous and the current phase's).
+
+  Args:
+    meta_params: holds the learned ``log_alpha`` (not rescaled).
+    model: the frozen backbone module.
+    cfg: the inner-loop settings.
+    frozen: backbone params and tables.
+    emb_prev: [n, d] the items' embeddings before the previous phase's rule.
+    prev_batch: the previous phase's Packed rows, each [n, K].
+    batch: this phase's Packed rows, each [n, K'].
+    prev_phase: the previous warm phase's index (picks its alpha).
+    scales: [m] candidate factors; must hold 1.0.
+
+  Returns:
+    ([] the chosen factor, [m] the summed gain of each factor over 1).
+  """
+  loss_fn = functools.partial(scoring.item_loss, model, frozen["params"], frozen["tables"])
+  prev = scoring.prepare(model, frozen["params"], frozen["tables"],
+                         {k: prev_batch[k] for k in scoring.ROW_KEYS})
+  rows = scoring.prepare(model, frozen["params"], frozen["tables"],
+                         {k: batch[k] for k in scoring.ROW_KEYS})
+  alpha = step_size(meta_params, prev_phase if cfg.phase_alpha else None)
+  mask = rows["mask"].astype(emb_prev.dtype)
+  labels = rows["labels"].astype(emb_prev.dtype)
+
+  def next_loss(s):
+    e = jax.vmap(lambda e0, r: adapt(loss_fn, e0, r, s * alpha, cfg.inner_steps,
+                                     rule=cfg.rule))(emb_prev, prev)
+    logits = jax.vmap(functools.partial(scoring.item_logits, model, frozen["params"],
+                                        frozen["tables"]))(e, rows)
+    return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels) * mask, 1)   # [n]
+
+  loss = jax.vmap(next_loss)(scales.astype(emb_prev.dtype))             # [m, n]
+  ref = jnp.argmin(jnp.abs(scales - 1.0))
+  gain = loss[ref][None, :] - loss
+  best = jnp.argmax(gain.sum(1))
+  g = gain[best]
+  use = jnp.mean(g) > SCALE_Z * jnp.std(g) / jnp.sqrt(emb_prev.shape[0])
   return jnp.where(use, scales[best], jnp.ones((), scales.dtype)), gain.sum(1)
 
 

@@ -159,6 +159,11 @@ def test_rule_learned_on_an_auxiliary_backbone_carries_only_the_step_sizes(tmp_p
     ({"regen.step_scales": (0.0, 1.0)}, "positive"),
     ({"regen.scale_folds": 1}, "scale_folds"),
     ({"regen.scale_phases": "ad"}, "scale_phases"),
+    ({"regen.forward_phases": "ab"}, "no previous"),
+    ({"regen.forward_phases": "b", "regen.step_scales": ()}, "empty"),
+    ({"regen.keep_cv": (0.5, 1.0)}, r"\[0, 1\)"),
+    ({"regen.keep_cv": (0.5,), "regen.keep_b": 0.7}, "must then be 1"),
+    ({"regen.keep_folds": 1}, "keep_folds"),
 ])
 def test_options_that_would_have_no_effect_are_errors(tmp_path, overrides, match):
   method, ctx = _context(tmp_path, "emerflow", **overrides)
@@ -294,3 +299,31 @@ def test_refine_rescales_the_rule_by_the_factor_the_row_cv_chooses(tmp_path):
       state["params"], ctx.model, mcfg, state["frozen"], emb, batch, phase=0),
       rtol=1e-5, atol=1e-6)
   assert float(scale) != 1.0 and not np.allclose(got, plain)
+
+
+def test_forward_phases_rescale_warm_b_by_replaying_warm_a(tmp_path):
+  """regen.forward_phases="b": at warm_b the factor comes from
+  choose_step_scale_forward on (emb before warm_a's rule, warm_a rows, warm_b rows)."""
+  from emerflow_jax import emerflow_meta  # pylint: disable=g-import-not-at-top
+  method, ctx = _context(tmp_path, "emerflow", **{"regen.pool_steps": 0,
+                                                  "regen.keep_cv": (),
+                                                  "regen.scale_phases": "",
+                                                  "regen.forward_phases": "b"})
+  state = method.fit(ctx)
+  s = ctx.split
+  emb = method.cold(ctx, state, s.emerging_items) + 5.0
+  a = tasks.pack_phase(ctx.ds, s.warm_rows["warm_a"])
+  b = tasks.pack_phase(ctx.ds, s.warm_rows["warm_b"])
+  emb_a, state_a = method.refine(ctx, state, emb, a, s.emerging_items, 0)
+  np.testing.assert_array_equal(state_a["history"]["emb"], emb)
+  got, _ = method.refine(ctx, state_a, emb_a, b, s.emerging_items, 1)
+  mcfg = emerflow_meta.meta_config(ctx.config)
+  jb = {k: jnp.asarray(v) for k, v in b.items()}
+  scale, _ = rule.choose_step_scale_forward(
+      state["params"], ctx.model, mcfg, state["frozen"], emb,
+      {k: jnp.asarray(v) for k, v in a.items()}, jb, jnp.asarray(0, jnp.int32),
+      jnp.asarray(ctx.config.regen.step_scales, jnp.float32))
+  want = emerflow_meta.refine_items(rule.scaled(state["params"], scale), ctx.model, mcfg,
+                                    state["frozen"], emb_a, jb, phase=1)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert float(scale) != 1.0
