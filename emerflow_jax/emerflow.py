@@ -26,7 +26,7 @@ scores the new items' own phase rows best under row-fold CV
 step size was learned on old items, and a new population may need larger or
 smaller moves.  Run in every phase, it raised validation AUC at warm_a and
 lowered it at warm_b and warm_c (summed over 5 datasets and 10 splits).  In
-the phases of ``regen.forward_phases`` (off by default) the factor is chosen
+the phases of ``regen.forward_phases`` (default warm_b, warm_c) the factor is chosen
 instead by replaying the previous phase's step and scoring the current
 phase's rows (``rule.choose_step_scale_forward``).
 After the rule, content regeneration may blend in a leave-one-out ridge
