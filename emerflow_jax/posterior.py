@@ -183,12 +183,7 @@ def choose_keep(meta_params: dict[str, Any], model: backbones.Backbone,
     return jax.vmap(held_loss)(keeps)                                    # [m, n]
 
   loss = jax.vmap(per_fold)(jnp.arange(folds, dtype=emb.dtype)).sum(0)  # [m, n]
-  ref = jnp.argmin(jnp.abs(keeps - 1.0))
-  gain = loss[ref][None, :] - loss                                       # [m, n]
-  best = jnp.argmax(gain.sum(1))
-  g = gain[best]
-  use = jnp.mean(g) > KEEP_Z * jnp.std(g) / jnp.sqrt(emb.shape[0])
-  return jnp.where(use, keeps[best], jnp.ones((), keeps.dtype)), gain.sum(1)
+  return rule.gated_choice(loss, keeps, KEEP_Z)
 
 
 POOL_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1)

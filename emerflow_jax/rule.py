@@ -166,6 +166,28 @@ def adapt_items(meta_params: dict[str, Any], model: backbones.Backbone,
                                      rule=cfg.rule))(emb, rows)
 
 
+def gated_choice(loss: jnp.ndarray, candidates: jnp.ndarray, z: float
+                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The candidate with the lowest held-out loss, if clearly better than 1.
+
+  Args:
+    loss: [m, n] held-out loss of each candidate on each item.
+    candidates: [m] values (a step-size factor, a share kept); must hold 1.0,
+      the reference (the rule as learned, no regeneration).
+    z: the bar: the best candidate's gain over 1 must exceed ``z`` standard
+      errors of its mean over the n items.
+
+  Returns:
+    ([] the chosen value, 1 below the bar; [m] each candidate's summed gain over 1).
+  """
+  ref = jnp.argmin(jnp.abs(candidates - 1.0))
+  gain = loss[ref][None, :] - loss                                       # [m, n]
+  best = jnp.argmax(gain.sum(1))
+  g = gain[best]                                                         # [n] per item
+  use = jnp.mean(g) > z * jnp.std(g) / jnp.sqrt(loss.shape[1])
+  return jnp.where(use, candidates[best], jnp.ones((), candidates.dtype)), gain.sum(1)
+
+
 SCALE_Z = 2.0   # a rescaled step size is kept only above this many standard errors of gain
 
 
@@ -219,13 +241,7 @@ def choose_step_scale(meta_params: dict[str, Any], model: backbones.Backbone,
 
   per_fold = jax.vmap(lambda s: jax.vmap(lambda f: held_loss(s, f))(
       jnp.arange(folds, dtype=emb.dtype)))(scales.astype(emb.dtype))   # [m, F, n]
-  loss = per_fold.sum(1)                                                 # [m, n]
-  ref = jnp.argmin(jnp.abs(scales - 1.0))
-  gain = loss[ref][None, :] - loss                                       # [m, n]
-  best = jnp.argmax(gain.sum(1))
-  g = gain[best]                                                         # [n] per item
-  use = jnp.mean(g) > SCALE_Z * jnp.std(g) / jnp.sqrt(emb.shape[0])
-  return jnp.where(use, scales[best], jnp.ones((), scales.dtype)), gain.sum(1)
+  return gated_choice(per_fold.sum(1), scales, SCALE_Z)                 # loss [m, n]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg"))
@@ -276,13 +292,8 @@ def choose_step_scale_forward(meta_params: dict[str, Any], model: backbones.Back
                                         frozen["tables"]))(e, rows)
     return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels) * mask, 1)   # [n]
 
-  loss = jax.vmap(next_loss)(scales.astype(emb_prev.dtype))             # [m, n]
-  ref = jnp.argmin(jnp.abs(scales - 1.0))
-  gain = loss[ref][None, :] - loss
-  best = jnp.argmax(gain.sum(1))
-  g = gain[best]
-  use = jnp.mean(g) > SCALE_Z * jnp.std(g) / jnp.sqrt(emb_prev.shape[0])
-  return jnp.where(use, scales[best], jnp.ones((), scales.dtype)), gain.sum(1)
+  return gated_choice(jax.vmap(next_loss)(scales.astype(emb_prev.dtype)), scales,
+                      SCALE_Z)
 
 
 def scaled(meta_params: dict[str, Any], scale: Any) -> dict[str, Any]:
