@@ -75,8 +75,10 @@ def heldout_quality(pred: Any, mean: Any, e: Any, items: np.ndarray,
   if np.any(at < 0):
     raise ValueError("diagnostics: rows of items outside ``items``")
   labels = np.asarray(rows["labels"])
+  # Gathered on the host: a device gather of a seed-dependent row count would
+  # compile anew for every seed (``_score`` pads to shared shape buckets).
   auc = lambda table: metrics.auc(
-      labels, _score(model, params, tables, rows, jnp.asarray(table)[at]))
+      labels, _score(model, params, tables, rows, np.asarray(table, np.float32)[at]))
   out = {"n_items": int(len(items)), "n_rows": int(len(labels)),
          "heldout_fvu": closedform.fvu(jnp.asarray(pred), jnp.asarray(e)),
          "heldout_auc": auc(pred), "heldout_auc_mean": auc(mean)}
